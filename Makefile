@@ -1,0 +1,23 @@
+# Two commands a newcomer types:  `make run`  and  `make test`.
+# torch==2.13.0 is installed first: asking pip for plain `torch` pulls GBs of CUDA wheels.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install run test lint typecheck
+install:
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[test]"
+
+run: install
+	$(PYTHON) -m metagrad explain --w0 -0.5258 --order both
+
+lint:
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff format --check src tests benchmarks
+
+typecheck:
+	$(PYTHON) -m mypy
+
+test: install lint typecheck
+	$(PYTHON) -m pytest

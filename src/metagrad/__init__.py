@@ -1,0 +1,7 @@
+"""metagrad: exact higher-order meta-gradients for PyTorch."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]
