@@ -1,0 +1,140 @@
+"""Shared plumbing of the learner classes: construction checks, adapt and predict."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from metagrad._typing import LossFn, Params
+from metagrad.functional._checks import check_task, check_tasks
+from metagrad.functional._inner import AutogradBackend, InnerSpec, run_task
+from metagrad.functional._model import FunctionalModel, dtype_device
+
+
+def check_lr(fn_name: str, inner_lr: float) -> float:
+    if (
+        isinstance(inner_lr, bool)
+        or not isinstance(inner_lr, (int, float))
+        or not math.isfinite(inner_lr)
+        or inner_lr < 0
+    ):
+        raise ValueError(
+            f"{fn_name}: inner_lr={inner_lr!r} must be a finite number >= 0 (typical: 0.01 to 0.4)."
+        )
+    return float(inner_lr)
+
+
+def check_steps(fn_name: str, name: str, steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(
+            f"{fn_name}: {name}={steps!r} must be an int >= 0 (0 means no adaptation)."
+        )
+    return steps
+
+
+class Learner(nn.Module):
+    """Base class: owns the user's model (as ``self.module``) and its functional view."""
+
+    fn_name = "metagrad.Learner"
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, bn: str) -> None:
+        super().__init__()
+        self.fmodel = FunctionalModel.from_module(model, bn, fn_name=self.fn_name)
+        if not self.fmodel.trainable:
+            raise ValueError(
+                f"{self.fn_name}: the model has no parameter with requires_grad=True; there is "
+                f"nothing to meta-learn."
+            )
+        if not callable(loss_fn):
+            raise TypeError(
+                f"{self.fn_name}: loss_fn must be callable as loss_fn(prediction, target) -> scalar, "
+                f"got {type(loss_fn).__name__} (e.g. torch.nn.functional.mse_loss)."
+            )
+        self.module = model
+        self.loss_fn = loss_fn
+
+    # -- pieces subclasses provide --------------------------------------------------------
+    def extra_params(self) -> Params:
+        """Meta-learned tensors besides the model's parameters (learned inner LRs...)."""
+        return {}
+
+    def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
+        raise NotImplementedError
+
+    # -- shared API -----------------------------------------------------------------------
+    def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        return dtype_device(self.fmodel.params())
+
+    def _tasks(
+        self, name: str, xs: object, ys: object, xq: object, yq: object
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return check_tasks(f"{self.fn_name}.{name}", xs, ys, xq, yq, *self._dtype_device())
+
+    def adapt(
+        self, x: Tensor, y: Tensor, steps: int | None = None, *, differentiable: bool = False
+    ) -> Params:
+        """Adapt to one task's support set; return every parameter by name (adapted or not).
+
+        Args:
+            x: support inputs ``[K, ...]``.
+            y: support targets ``[K, ...]``.
+            steps: inner steps (default: the learner's evaluation step count).
+            differentiable: keep the graph to the meta-parameters (second order if the learner's
+                order is 2); default returns detached tensors for evaluation.
+
+        Returns:
+            ``dict`` name -> tensor usable with :meth:`predict`.
+        """
+        fn = f"{self.fn_name}.adapt"
+        x, y = check_task(fn, x, y, *self._dtype_device())
+        steps = self.default_eval_steps() if steps is None else check_steps(fn, "steps", steps)
+        order = self.current_order() if differentiable else 1
+        spec = self.inner_spec(steps, order, training=False)
+        theta = self.fmodel.params()
+        extra = self.extra_params()
+        if not differentiable:
+            theta = {k: v.detach().requires_grad_() for k, v in theta.items()}
+            extra = {k: v.detach() for k, v in extra.items()}
+        self.fmodel.sync_modes()
+        with torch.enable_grad():
+            _, adapted, _ = run_task(
+                self.fmodel,
+                self.loss_fn,
+                spec,
+                AutogradBackend(spec, 0),
+                theta,
+                extra,
+                self.fmodel.buffers(),
+                x,
+                y,
+            )
+        if not differentiable:
+            adapted = {k: v.detach() for k, v in adapted.items()}
+        return adapted
+
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        """Model output for inputs ``x`` with parameters ``params`` (e.g. from :meth:`adapt`)."""
+        if not isinstance(params, dict):
+            raise TypeError(
+                f"{self.fn_name}.predict: params must be the dict returned by adapt(), got "
+                f"{type(params).__name__}."
+            )
+        missing = [k for k in self.fmodel.trainable if k not in params]
+        if missing:
+            raise ValueError(
+                f"{self.fn_name}.predict: params lacks {missing}; pass the dict returned by adapt()."
+            )
+        self.fmodel.sync_modes()
+        return self.fmodel.forward(params, self.fmodel.buffers(), x)
+
+    def default_eval_steps(self) -> int:
+        raise NotImplementedError
+
+    def current_order(self) -> int:
+        return 1
+
+
+Selector = None | str | list[str] | tuple[str, ...] | Callable[[str], bool]

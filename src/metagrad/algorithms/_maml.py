@@ -1,0 +1,288 @@
+r"""MAML and its family (first order, Meta-SGD, LSLR, ANIL, MAML++ options) on any ``nn.Module``.
+
+.. math::
+    \theta' _i = \theta - \alpha \nabla_\theta L^{s}_i(\theta),\qquad
+    \nabla_\theta \frac1T\sum_i L^{q}_i(\theta'_i)
+      = \frac1T\sum_i \bigl(I - \alpha \nabla^2_\theta L^{s}_i(\theta)\bigr)\nabla L^{q}_i(\theta'_i)
+
+(one SGD step shown; the engine differentiates any number of steps and any inner optimizer).
+
+References:
+    Finn et al., *Model-Agnostic Meta-Learning*, ICML 2017. Li et al., *Meta-SGD*, 2017.
+    Antoniou et al., *How to train your MAML* (MAML++), ICLR 2019. Raghu et al., *ANIL*, ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from metagrad._typing import LossFn, Params
+from metagrad.algorithms._base import Learner, Selector, check_lr, check_steps
+from metagrad.functional._inner import InnerSpec
+from metagrad.functional._meta import AttachGrad, MetaResult, meta_gradient, resolve_strategy
+from metagrad.functional._model import norm_module_names, select_names
+from metagrad.functional._optim import LR, InnerOptimizer, make_inner_optimizer
+
+LEARN_LR = (None, "per_param", "per_step")
+
+
+def _san(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def msl_weights(steps: int, meta_step: int, anneal_steps: int) -> tuple[float, ...]:
+    """MAML++ multi-step loss weights after ``meta_step`` meta-updates.
+
+    Start uniform :math:`1/K`; non-final weights decay linearly to :math:`0.03/K` over
+    ``anneal_steps`` meta-steps while the final weight grows to keep the sum at 1.
+    """
+    K = steps
+    if K == 0:
+        return ()
+    decay = (1.0 / K) / max(anneal_steps, 1)
+    floor = 0.03 / K
+    w = [max(1.0 / K - meta_step * decay, floor) for _ in range(K - 1)]
+    w.append(min(1.0 / K + meta_step * (K - 1) * decay, 1.0 - (K - 1) * floor))
+    return tuple(w)
+
+
+class MAML(Learner):
+    r"""Model-agnostic meta-learning with exact second-order meta-gradients.
+
+    A thin wrapper over the functional engine: it never mutates ``model`` (a private template is
+    run with ``torch.func.functional_call``); ``meta_loss(...).backward()`` writes the meta-gradient
+    into ``model``'s parameters (and the learned inner learning rates) ``.grad``.
+
+    Args:
+        model: any ``nn.Module`` mapping a batch ``x [K, ...]`` to predictions.
+        loss_fn: ``loss_fn(prediction, target) -> scalar`` (mean over one task's examples).
+        inner_lr: inner step size :math:`\alpha` (initial value when learned).
+        inner_steps: inner steps during meta-training.
+        order: 2 for the exact meta-gradient, 1 for first-order MAML (FOMAML).
+        eval_steps: inner steps in eval mode and the default of :meth:`adapt` (default ``inner_steps``).
+        inner_optimizer: ``"sgd"``, ``"momentum"``, ``"adam"`` or an object like ``metagrad.Adam()``.
+        learn_inner_lr: ``None`` (fixed), ``"per_param"`` (Meta-SGD: one learned rate per weight
+            element) or ``"per_step"`` (MAML++ LSLR: one learned rate per parameter tensor per step).
+        adapt: which parameters the inner loop adapts (ANIL): a name or module prefix, a list of
+            them, or a predicate on names. The rest are meta-learned only. Default: all.
+        multi_step_loss: MAML++ multi-step loss: the query loss after every inner step, weighted
+            by annealed weights (see :func:`msl_weights`).
+        msl_anneal_steps: meta-steps over which the multi-step weights anneal to the final step.
+        first_order_steps: derivative-order annealing: first order for this many meta-steps, then
+            ``order``.
+        per_step_bn: MAML++ per-step normalization weights and biases: each inner step (and the
+            query pass after the last) uses its own learned copy of every normalization layer's
+            affine parameters; those are not adapted in the inner loop.
+        bn: BatchNorm policy, ``"transductive"`` (default, batch statistics everywhere, as the MAML
+            reference) or ``"running"`` (module mode decides; running stats read, never written).
+        strategy: ``"auto"`` (default), ``"loop"`` or ``"vmap"``; see ``metagrad.functional``.
+        allow_unused: adapted parameters that do not reach the support loss are left unchanged
+            instead of raising.
+        check_finite: raise :class:`metagrad.NonFiniteError` naming the task and step on NaN/Inf.
+
+    Example:
+        >>> import torch, metagrad as mg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> learner = mg.MAML(model, torch.nn.functional.mse_loss, inner_lr=0.1, inner_steps=1)
+        >>> xs, ys, xq, yq = torch.randn(4, 5, 1), torch.randn(4, 5, 1), torch.randn(4, 5, 1), torch.randn(4, 5, 1)
+        >>> loss = learner.meta_loss(xs, ys, xq, yq)
+        >>> loss.backward()
+        >>> model[0].weight.grad.shape
+        torch.Size([8, 1])
+    """
+
+    fn_name = "metagrad.MAML"
+    meta_step: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        order: int = 2,
+        *,
+        eval_steps: int | None = None,
+        inner_optimizer: str | InnerOptimizer = "sgd",
+        learn_inner_lr: str | None = None,
+        adapt: Selector = None,
+        multi_step_loss: bool = False,
+        msl_anneal_steps: int = 1000,
+        first_order_steps: int = 0,
+        per_step_bn: bool = False,
+        bn: str = "transductive",
+        strategy: str = "auto",
+        allow_unused: bool = False,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(model, loss_fn, bn)
+        fn = self.fn_name
+        self.inner_lr = check_lr(fn, inner_lr)
+        self.inner_steps = check_steps(fn, "inner_steps", inner_steps)
+        self.eval_steps = (
+            self.inner_steps if eval_steps is None else check_steps(fn, "eval_steps", eval_steps)
+        )
+        if order not in (1, 2) or isinstance(order, bool):
+            raise ValueError(
+                f"{fn}: order={order!r} must be 1 (first-order MAML) or 2 (exact second order)."
+            )
+        self.order = order
+        self.inner_optimizer = make_inner_optimizer(inner_optimizer, fn)
+        if learn_inner_lr not in LEARN_LR:
+            raise ValueError(
+                f"{fn}: learn_inner_lr={learn_inner_lr!r} is not known; use None, 'per_param' "
+                f"(Meta-SGD) or 'per_step' (MAML++ LSLR)."
+            )
+        self.learn_inner_lr = learn_inner_lr
+        self.multi_step_loss = bool(multi_step_loss)
+        self.msl_anneal_steps = check_steps(fn, "msl_anneal_steps", msl_anneal_steps)
+        self.first_order_steps = check_steps(fn, "first_order_steps", first_order_steps)
+        self.strategy = strategy
+        resolve_strategy(strategy, self.fmodel, fn)
+        self.allow_unused = bool(allow_unused)
+        self.check_finite = bool(check_finite)
+        self.register_buffer("meta_step", torch.zeros((), dtype=torch.long))
+
+        trainable = self.fmodel.trainable
+        live = self.fmodel.params()
+        norm_params: list[str] = []
+        if per_step_bn:
+            mods = norm_module_names(model)
+            norm_params = [n for n in trainable if any(n.startswith(m + ".") for m in mods)]
+            if not norm_params:
+                raise ValueError(
+                    f"{fn}: per_step_bn=True but the model has no trainable normalization "
+                    f"weights (BatchNorm/LayerNorm/GroupNorm with affine=True)."
+                )
+        self.per_step_bn = bool(per_step_bn)
+        candidates = [n for n in trainable if n not in norm_params]
+        self.adapt_names = tuple(select_names(candidates, adapt, fn, "adapt"))
+
+        # Learned tensors live in this module (so learner.parameters() / state_dict() see them);
+        # _extra_keys maps the engine's flat names to them.
+        self._extra_keys: dict[str, tuple[str, str]] = {}
+        self.inner_lrs = nn.ParameterDict()
+        if learn_inner_lr == "per_param":
+            for n in self.adapt_names:
+                self.inner_lrs[_san(n)] = nn.Parameter(
+                    torch.full_like(live[n].detach(), self.inner_lr)
+                )
+                self._extra_keys[f"lr.{n}"] = ("inner_lrs", _san(n))
+        elif learn_inner_lr == "per_step":
+            p0 = live[self.adapt_names[0]]
+            for n in self.adapt_names:
+                size = max(self.inner_steps, self.eval_steps, 1)
+                self.inner_lrs[_san(n)] = nn.Parameter(
+                    torch.full((size,), self.inner_lr, dtype=p0.dtype, device=p0.device)
+                )
+                self._extra_keys[f"lr.{n}"] = ("inner_lrs", _san(n))
+        self.step_norm = nn.ParameterDict()
+        self._norm_params = tuple(norm_params)
+        for k in range(max(self.inner_steps, self.eval_steps) + 1 if norm_params else 0):
+            for n in norm_params:
+                key = f"s{k}__{_san(n)}"
+                self.step_norm[key] = nn.Parameter(live[n].detach().clone())
+                self._extra_keys[f"bn{k}.{n}"] = ("step_norm", key)
+
+    # -- engine hooks ----------------------------------------------------------------------
+    def extra_params(self) -> Params:
+        return {k: getattr(self, d)[key] for k, (d, key) in self._extra_keys.items()}
+
+    def current_order(self) -> int:
+        return 1 if int(self.meta_step) < self.first_order_steps else self.order
+
+    def default_eval_steps(self) -> int:
+        return self.eval_steps
+
+    def _lr_rule(self, extra: Params, step: int, name: str) -> LR:
+        if self.learn_inner_lr == "per_param":
+            return extra[f"lr.{name}"]
+        if self.learn_inner_lr == "per_step":
+            rates = extra[f"lr.{name}"]
+            return rates[min(step, rates.shape[0] - 1)]
+        return self.inner_lr
+
+    def _step_params(self, extra: Params, step: int) -> Params:
+        last = max(self.inner_steps, self.eval_steps)
+        return {n: extra[f"bn{min(step, last)}.{n}"] for n in self._norm_params}
+
+    def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
+        weights = None
+        if self.multi_step_loss and training and steps > 0:
+            weights = msl_weights(steps, int(self.meta_step), self.msl_anneal_steps)
+        return InnerSpec(
+            steps=steps,
+            order=order,
+            optimizer=self.inner_optimizer,
+            adapt_names=self.adapt_names,
+            lr_rule=self._lr_rule,
+            step_params=self._step_params if self.per_step_bn else None,
+            step_weights=weights,
+            allow_unused=self.allow_unused,
+            check_finite=self.check_finite,
+            fn_name=self.fn_name,
+        )
+
+    # -- public API -------------------------------------------------------------------------
+    def meta_result(
+        self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
+    ) -> MetaResult:
+        """Mean query loss and its gradient per meta-parameter, without touching ``.grad``."""
+        tasks = self._tasks("meta_loss", xs, ys, xq, yq)
+        steps = self.inner_steps if self.training else self.eval_steps
+        spec = self.inner_spec(steps, self.current_order(), training=self.training)
+        return meta_gradient(
+            self.fmodel,
+            self.loss_fn,
+            spec,
+            self.fmodel.params(),
+            self.extra_params(),
+            tasks,
+            strategy=self.strategy,
+            need_grad=need_grad,
+        )
+
+    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        r"""Mean over tasks of the query loss after adaptation; ``.backward()`` gives the meta-gradient.
+
+        Args:
+            xs: support inputs ``[T, K, ...]``; ys: support targets ``[T, K, ...]``.
+            xq: query inputs ``[T, Q, ...]``; yq: query targets ``[T, Q, ...]``.
+
+        Returns:
+            A scalar. Its gradient is computed here, task by task or vmapped, and handed to the
+            parameters by ``backward()``; no task's graph is kept alive. Under ``torch.no_grad()``
+            only the value is computed (validation). In train mode each call with gradients counts
+            one meta-step (for ``first_order_steps`` and ``multi_step_loss`` annealing).
+
+        Raises:
+            ValueError, TypeError: malformed task tensors (message names the tensor and the fix).
+            NonFiniteError: NaN/Inf, naming the task index and inner step.
+        """
+        need_grad = torch.is_grad_enabled()
+        res = self.meta_result(xs, ys, xq, yq, need_grad=need_grad)
+        if not need_grad:
+            return res.loss
+        if self.training:
+            self.meta_step += 1
+        leaves = {
+            **{f"theta:{k}": v for k, v in self.fmodel.params().items()},
+            **{f"extra:{k}": v for k, v in self.extra_params().items()},
+        }
+        grads = tuple(res.grads.get(k) for k in leaves)
+        out: Tensor = AttachGrad.apply(res.loss, grads, *leaves.values())
+        return out
+
+    def meta_grad(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor | None]:
+        """The meta-gradient keyed like ``learner.named_parameters()`` (``.grad`` untouched)."""
+        res = self.meta_result(xs, ys, xq, yq)
+        out: dict[str, Tensor | None] = {}
+        for k, g in res.grads.items():
+            kind, name = k.split(":", 1)
+            if kind == "theta":
+                out[f"module.{name}"] = g
+            else:
+                d, key = self._extra_keys[name]
+                out[f"{d}.{key}"] = g
+        return out

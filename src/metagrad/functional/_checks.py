@@ -1,0 +1,84 @@
+"""Validation of meta-batches: catch shape/dtype/device mistakes before any compute."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _as_task_tensor(fn_name: str, name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(
+            f"{fn_name}: {name} must be a torch.Tensor with a leading task dimension, got "
+            f"{type(t).__name__}; stack per-task tensors with torch.stack(list_of_tasks)."
+        )
+    if t.dim() < 2:
+        raise ValueError(
+            f"{fn_name}: {name} has shape {tuple(t.shape)}; expected [tasks, examples, ...]. "
+            f"For a single task add the task dimension with {name}.unsqueeze(0)."
+        )
+    return t
+
+
+def check_tasks(
+    fn_name: str,
+    xs: object,
+    ys: object,
+    xq: object,
+    yq: object,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Check ``xs [T,K,...], ys [T,K,...], xq [T,Q,...], yq [T,Q,...]`` and return them."""
+    ts = {
+        n: _as_task_tensor(fn_name, n, t)
+        for n, t in {"xs": xs, "ys": ys, "xq": xq, "yq": yq}.items()
+    }
+    counts = {n: t.shape[0] for n, t in ts.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(
+            f"{fn_name}: the leading (task) dimensions differ: {counts}; every tensor needs the "
+            f"same number of tasks."
+        )
+    for x, y, xn, yn, which in (
+        ("xs", "ys", "xs", "ys", "support"),
+        ("xq", "yq", "xq", "yq", "query"),
+    ):
+        if ts[x].shape[1] == 0:
+            raise ValueError(
+                f"{fn_name}: the {which} set is empty ({xn}.shape={tuple(ts[x].shape)}); give at "
+                f"least one example per task."
+            )
+        if ts[x].shape[1] != ts[y].shape[1]:
+            raise ValueError(
+                f"{fn_name}: {xn} has {ts[x].shape[1]} examples per task but {yn} has "
+                f"{ts[y].shape[1]} (shapes {tuple(ts[x].shape)} and {tuple(ts[y].shape)}); inputs "
+                f"and targets must pair up."
+            )
+    if ts["xs"].shape[2:] != ts["xq"].shape[2:]:
+        raise ValueError(
+            f"{fn_name}: support inputs have per-example shape {tuple(ts['xs'].shape[2:])} but "
+            f"query inputs {tuple(ts['xq'].shape[2:])}; both must match the model's input."
+        )
+    for name, t in ts.items():
+        if t.device != device:
+            raise ValueError(
+                f"{fn_name}: {name} is on {t.device} but the model is on {device}; move the batch "
+                f"with {name}.to({str(device)!r})."
+            )
+        if t.is_floating_point() and t.dtype != dtype:
+            raise TypeError(
+                f"{fn_name}: {name} has dtype {t.dtype} but the model's parameters are {dtype}; "
+                f"cast with {name}.to({dtype})."
+            )
+    return ts["xs"], ts["ys"], ts["xq"], ts["yq"]
+
+
+def check_task(
+    fn_name: str, x: object, y: object, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Check one task's ``x [K,...], y [K,...]`` (for ``adapt``)."""
+    xt = x.unsqueeze(0) if isinstance(x, Tensor) else x
+    yt = y.unsqueeze(0) if isinstance(y, Tensor) else y
+    xs, ys, _, _ = check_tasks(fn_name, xt, yt, xt, yt, dtype, device)
+    return xs[0], ys[0]

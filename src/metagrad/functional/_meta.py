@@ -1,0 +1,206 @@
+r"""Meta-batch strategies: exact meta-gradients over ``T`` tasks.
+
+.. math::
+    \mathcal{L}(\theta) = \frac{1}{T}\sum_{i=1}^{T} \mathcal{L}_i(\theta),\qquad
+    g = \nabla_\theta \mathcal{L}(\theta)
+
+* ``"loop"``: one task at a time with ``torch.autograd.grad(create_graph=True)``; each task's
+  graph is freed right after its gradient is accumulated, so activation memory is that of one
+  task, not ``T``. Works for every module (BatchNorm, LayerNorm, RNNs, custom code).
+* ``"vmap"``: the whole meta-batch as one ``torch.func.grad(vmap(task))`` call. Several times
+  faster on small models; used only where it is exact (see ``FunctionalModel.vmap_safe``).
+* ``"auto"`` (default): ``"vmap"`` when the model is vmap-safe, else ``"loop"``.
+
+Both return the mean query objective and the gradient for every meta-parameter; the engine
+then attaches that gradient to a loss tensor so ``loss.backward()`` delivers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metagrad._errors import NonFiniteError, check_finite, translate_autograd_error
+from metagrad._typing import LossFn, Params
+from metagrad.functional._inner import AutogradBackend, FuncBackend, InnerSpec, run_task
+from metagrad.functional._model import FunctionalModel
+
+STRATEGIES = ("auto", "loop", "vmap")
+
+
+@dataclass
+class MetaResult:
+    """Mean query objective over tasks, and its gradient per meta-parameter (None if unused)."""
+
+    loss: Tensor
+    grads: dict[str, Tensor | None]
+    per_task: Tensor
+
+
+def _leaves(theta: Params, extra: Params) -> dict[str, Tensor]:
+    return {
+        **{f"theta:{k}": v for k, v in theta.items()},
+        **{f"extra:{k}": v for k, v in extra.items()},
+    }
+
+
+def meta_loop(
+    fm: FunctionalModel,
+    loss_fn: LossFn,
+    spec: InnerSpec,
+    theta: Params,
+    extra: Params,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    need_grad: bool,
+) -> MetaResult:
+    """Per-task loop with ``torch.autograd.grad``; memory of one task's graph at a time."""
+    xs, ys, xq, yq = tasks
+    T = xs.shape[0]
+    leaves = _leaves(theta, extra)
+    if not need_grad:
+        # Inner gradients still need a graph; detach the meta-parameters so none is kept for them.
+        leaves = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in leaves.items()}
+    th = {k[6:]: v for k, v in leaves.items() if k.startswith("theta:")}
+    ex = {k[6:]: v for k, v in leaves.items() if k.startswith("extra:")}
+    wrt = [k for k, v in leaves.items() if v.requires_grad]
+    total: dict[str, Tensor | None] = {k: None for k in leaves}
+    losses = []
+    buffers = fm.buffers()
+    for i in range(T):
+        try:
+            with torch.enable_grad():
+                obj, _, _ = run_task(
+                    fm,
+                    loss_fn,
+                    spec,
+                    AutogradBackend(spec, i),
+                    th,
+                    ex,
+                    buffers,
+                    xs[i],
+                    ys[i],
+                    xq[i],
+                    yq[i],
+                )
+                assert obj is not None
+                if spec.check_finite:
+                    check_finite(spec.fn_name, obj, "query loss", i, None)
+                if need_grad and wrt:
+                    gs = torch.autograd.grad(obj / T, [leaves[k] for k in wrt], allow_unused=True)
+                    for k, g in zip(wrt, gs):
+                        if g is not None:
+                            acc = total[k]
+                            total[k] = g if acc is None else acc + g  # type: ignore[assignment]
+        except RuntimeError as err:
+            better = translate_autograd_error(spec.fn_name, err, spec.order)
+            if better is None:
+                raise
+            raise better from err
+        losses.append(obj.detach())
+    per_task = torch.stack(losses)
+    if spec.check_finite and need_grad:
+        for k, acc in total.items():
+            if acc is not None:
+                check_finite(
+                    spec.fn_name, acc, f"meta-gradient of {k.split(':', 1)[1]!r}", None, None
+                )
+    return MetaResult(per_task.mean(), total if need_grad else {}, per_task)
+
+
+def meta_vmap(
+    fm: FunctionalModel,
+    loss_fn: LossFn,
+    spec: InnerSpec,
+    theta: Params,
+    extra: Params,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    need_grad: bool,
+) -> MetaResult:
+    """All tasks at once: ``grad(mean(vmap(task)))``, exact for vmap-safe models."""
+    buffers = fm.buffers()
+    backend = FuncBackend(spec)
+
+    def one(th: Params, ex: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        obj, _, _ = run_task(fm, loss_fn, spec, backend, th, ex, buffers, xs, ys, xq, yq)
+        assert obj is not None
+        return obj
+
+    batched = torch.func.vmap(one, in_dims=(None, None, 0, 0, 0, 0), randomness="different")
+
+    def mean_loss(th: Params, ex: Params) -> tuple[Tensor, Tensor]:
+        per_task = batched(th, ex, *tasks)
+        return per_task.mean(), per_task.detach()
+
+    th0 = {k: v.detach() for k, v in theta.items()}
+    ex0 = {k: v.detach() for k, v in extra.items()}
+    if need_grad:
+        (g_th, g_ex), (loss, per_task) = torch.func.grad_and_value(
+            mean_loss, argnums=(0, 1), has_aux=True
+        )(th0, ex0)
+        grads: dict[str, Tensor | None] = {
+            **{f"theta:{k}": (g if theta[k].requires_grad else None) for k, g in g_th.items()},
+            **{f"extra:{k}": (g if extra[k].requires_grad else None) for k, g in g_ex.items()},
+        }
+    else:
+        loss, per_task = mean_loss(th0, ex0)
+        grads = {}
+    finite = bool(loss.isfinite()) and all(
+        g is None or bool(g.isfinite().all()) for g in grads.values()
+    )
+    if spec.check_finite and not finite:
+        # vmap cannot branch on data: re-run per task to name the task and step.
+        meta_loop(fm, loss_fn, spec, theta, extra, tasks, need_grad)
+        raise NonFiniteError(spec.fn_name, "meta-gradient", None, None)
+    return MetaResult(loss.detach(), grads, per_task)
+
+
+def resolve_strategy(strategy: str, fm: FunctionalModel, fn_name: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"{fn_name}: strategy={strategy!r} is not known; use one of {STRATEGIES} "
+            f"('auto' picks vmap where it is exact and fast, else the per-task loop)."
+        )
+    if strategy == "auto":
+        return "vmap" if fm.vmap_safe() else "loop"
+    return strategy
+
+
+def meta_gradient(
+    fm: FunctionalModel,
+    loss_fn: LossFn,
+    spec: InnerSpec,
+    theta: Params,
+    extra: Params,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    *,
+    strategy: str = "auto",
+    need_grad: bool = True,
+) -> MetaResult:
+    """Mean query objective over the meta-batch and its exact gradient (see module docstring)."""
+    fm.sync_modes()
+    chosen = resolve_strategy(strategy, fm, spec.fn_name)
+    if chosen == "vmap":
+        return meta_vmap(fm, loss_fn, spec, theta, extra, tasks, need_grad)
+    return meta_loop(fm, loss_fn, spec, theta, extra, tasks, need_grad)
+
+
+class AttachGrad(torch.autograd.Function):
+    """``value`` as a tensor whose backward hands precomputed gradients to ``leaves``.
+
+    Lets ``loss.backward()`` deliver a meta-gradient that was computed task by task (or under
+    ``torch.func``) without keeping any task's graph alive.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, value: Tensor, grads: tuple[Tensor | None, ...], *leaves: Tensor
+    ) -> Tensor:  # type: ignore[override]
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, None, *(None if g is None else g * grad_out for g in ctx.grads))
