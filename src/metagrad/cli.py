@@ -270,7 +270,7 @@ def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
     parser.add_argument("--inner-steps", type=int, default=1)
     parser.add_argument("--inner-lr", type=_nonneg_float, default=0.01)
-    parser.add_argument("--strategy", choices=("auto", "loop", "vmap"), default="auto")
+    parser.add_argument("--strategy", choices=("auto", "loop", "vmap", "hvp_chain"), default="auto")
     parser.add_argument("--tasks", type=_positive_int, default=4)
     parser.add_argument(
         "--shots", type=_positive_int, default=5, help="support examples (per class)"

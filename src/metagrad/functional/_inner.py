@@ -27,7 +27,7 @@ from torch import Tensor
 from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.functional._model import FunctionalModel
-from metagrad.functional._optim import LR, InnerOptimizer
+from metagrad.functional._optim import LR, InnerOptimizer, OptState
 
 LRRule = Callable[[Params, int, str], LR]
 """``lr_rule(extra, step, name)``: inner learning rate of parameter ``name`` at ``step``."""
@@ -104,6 +104,69 @@ class FuncBackend:
         return grads, loss
 
 
+def _scalar_loss(spec: InnerSpec, loss: object, which: str) -> Tensor:
+    # Autograd's "grad can be implicitly created only for scalar outputs" does not say that
+    # loss_fn is at fault; under vmap the shape seen here is the per-task one.
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"{spec.fn_name}: loss_fn must return a scalar tensor (the mean loss over one task's "
+            f"{which} examples), got {got}. Reduce it, e.g. reduction='mean' or .mean()."
+        )
+    return loss
+
+
+def params_at(spec: InnerSpec, fixed: Params, extra: Params, adapted: Params, step: int) -> Params:
+    """Full parameter dict used by the forward pass at inner ``step``."""
+    full = {**fixed, **adapted}
+    if spec.step_params is not None:
+        full.update(spec.step_params(extra, step))
+    return full
+
+
+def inner_step(
+    fm: FunctionalModel,
+    loss_fn: LossFn,
+    spec: InnerSpec,
+    backend: GradBackend,
+    fixed: Params,
+    extra: Params,
+    buffers: Buffers,
+    adapted: Params,
+    state: OptState,
+    step: int,
+    xs: Tensor,
+    ys: Tensor,
+) -> tuple[Params, OptState, Tensor]:
+    """One inner update ``(t_k, s_k) -> (t_{k+1}, s_{k+1})``; also returns the support loss."""
+
+    def support(a: Params) -> Tensor:
+        pred = fm.forward(params_at(spec, fixed, extra, a, step), buffers, xs)
+        return _scalar_loss(spec, loss_fn(pred, ys), "support")
+
+    grads, loss = backend(support, adapted, step)
+    lrs = {n: spec.lr_rule(extra, step, n) for n in adapted}
+    new, state = spec.optimizer.update(grads, state, adapted, lrs, step)
+    return new, state, loss
+
+
+def query_loss(
+    fm: FunctionalModel,
+    loss_fn: LossFn,
+    spec: InnerSpec,
+    fixed: Params,
+    extra: Params,
+    buffers: Buffers,
+    adapted: Params,
+    step: int,
+    xq: Tensor,
+    yq: Tensor,
+) -> Tensor:
+    """Query loss of the parameters reached after ``step`` inner steps."""
+    pred = fm.forward(params_at(spec, fixed, extra, adapted, step), buffers, xq)
+    return _scalar_loss(spec, loss_fn(pred, yq), "query")
+
+
 def run_task(
     fm: FunctionalModel,
     loss_fn: LossFn,
@@ -123,32 +186,24 @@ def run_task(
     """
     adapted = {n: theta[n] for n in spec.adapt_names}
     fixed = {n: t for n, t in theta.items() if n not in adapted}
-
-    def params_at(a: Params, k: int) -> Params:
-        full = {**fixed, **a}
-        if spec.step_params is not None:
-            full.update(spec.step_params(extra, k))
-        return full
-
-    def query(a: Params, k: int) -> Tensor:
-        assert xq is not None and yq is not None
-        return loss_fn(fm.forward(params_at(a, k), buffers, xq), yq)
-
     state = spec.optimizer.init(adapted)
     support_losses: list[Tensor] = []
     objective: Tensor | None = None
     for k in range(spec.steps):
-
-        def support(a: Params, k: int = k) -> Tensor:
-            return loss_fn(fm.forward(params_at(a, k), buffers, xs), ys)
-
-        grads, loss = backend(support, adapted, k)
+        adapted, state, loss = inner_step(
+            fm, loss_fn, spec, backend, fixed, extra, buffers, adapted, state, k, xs, ys
+        )
         support_losses.append(loss)
-        lrs = {n: spec.lr_rule(extra, k, n) for n in adapted}
-        adapted, state = spec.optimizer.update(grads, state, adapted, lrs, k)
-        if xq is not None and spec.step_weights is not None and spec.step_weights[k] != 0.0:
-            term = spec.step_weights[k] * query(adapted, k + 1)
-            objective = term if objective is None else objective + term
-    if xq is not None and (spec.step_weights is None or spec.steps == 0):
-        objective = query(adapted, spec.steps)
-    return objective, params_at(adapted, spec.steps), support_losses
+        if xq is not None and yq is not None and spec.step_weights is not None:
+            if spec.step_weights[k] != 0.0:
+                q = query_loss(fm, loss_fn, spec, fixed, extra, buffers, adapted, k + 1, xq, yq)
+                objective = (
+                    spec.step_weights[k] * q
+                    if objective is None
+                    else objective + spec.step_weights[k] * q
+                )
+    if xq is not None and yq is not None and (spec.step_weights is None or spec.steps == 0):
+        objective = query_loss(
+            fm, loss_fn, spec, fixed, extra, buffers, adapted, spec.steps, xq, yq
+        )
+    return objective, params_at(spec, fixed, extra, adapted, spec.steps), support_losses

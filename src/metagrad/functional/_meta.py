@@ -9,6 +9,9 @@ r"""Meta-batch strategies: exact meta-gradients over ``T`` tasks.
   task, not ``T``. Works for every module (BatchNorm, LayerNorm, RNNs, custom code).
 * ``"vmap"``: the whole meta-batch as one ``torch.func.grad(vmap(task))`` call. Several times
   faster on small models; used only where it is exact (see ``FunctionalModel.vmap_safe``).
+* ``"hvp_chain"``: per task, exact second order by a backward chain of Hessian-vector products
+  at stored iterates (``metagrad.functional._adjoint``): memory of one inner step instead of
+  the whole unrolled loop, about one extra forward/backward per step.
 * ``"auto"`` (default): ``"vmap"`` when the model is vmap-safe, else ``"loop"``.
 
 Both return the mean query objective and the gradient for every meta-parameter; the engine
@@ -17,7 +20,7 @@ then attaches that gradient to a loss tensor so ``loss.backward()`` delivers it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,10 +28,11 @@ from torch import Tensor
 
 from metagrad._errors import NonFiniteError, check_finite, translate_autograd_error
 from metagrad._typing import LossFn, Params
+from metagrad.functional._adjoint import task_adjoint
 from metagrad.functional._inner import AutogradBackend, FuncBackend, InnerSpec, run_task
 from metagrad.functional._model import FunctionalModel
 
-STRATEGIES = ("auto", "loop", "vmap")
+STRATEGIES = ("auto", "loop", "vmap", "hvp_chain")
 
 
 @dataclass
@@ -110,6 +114,83 @@ def meta_loop(
     return MetaResult(per_task.mean(), total if need_grad else {}, per_task)
 
 
+def meta_hvp_chain(
+    fm: FunctionalModel,
+    loss_fn: LossFn,
+    spec: InnerSpec,
+    theta: Params,
+    extra: Params,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    need_grad: bool,
+) -> MetaResult:
+    """Per-task backward HVP chain: exact, without storing the inner loop's graph."""
+    if not need_grad:
+        return meta_loop(fm, loss_fn, spec, theta, extra, tasks, need_grad)
+    xs, ys, xq, yq = tasks
+    T = xs.shape[0]
+    buffers = fm.buffers()
+    total: dict[str, Tensor | None] = {}
+    losses = []
+    for i in range(T):
+        try:
+            obj, gs = task_adjoint(
+                fm, loss_fn, spec, theta, extra, buffers, xs[i], ys[i], xq[i], yq[i], i
+            )
+        except RuntimeError as err:
+            better = translate_autograd_error(spec.fn_name, err, spec.order)
+            if better is None:
+                raise
+            raise better from err
+        losses.append(obj)
+        for k, g in gs.items():
+            prev = total.get(k)
+            if g is None:
+                total[k] = prev
+            else:
+                total[k] = g / T if prev is None else prev + g / T
+    per_task = torch.stack(losses)
+    if spec.check_finite:
+        for k, acc in total.items():
+            if acc is not None:
+                check_finite(
+                    spec.fn_name, acc, f"meta-gradient of {k.split(':', 1)[1]!r}", None, None
+                )
+    return MetaResult(per_task.mean(), total, per_task)
+
+
+def _check_reaches_support(
+    fm: FunctionalModel,
+    loss_fn: LossFn,
+    spec: InnerSpec,
+    theta: Params,
+    extra: Params,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> None:
+    """Raise, as the loop does, when an adapted parameter does not reach the support loss.
+
+    ``torch.func.grad`` silently returns zeros for such parameters, so without this probe
+    (one first-order step of task 0 with autograd) the strategy would decide whether
+    ``allow_unused=False`` is enforced.
+    """
+    if spec.allow_unused or spec.steps == 0:
+        return
+    probe = replace(spec, steps=1, order=1, step_weights=None, check_finite=False)
+    th = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in theta.items()}
+    ex = {k: v.detach() for k, v in extra.items()}
+    with torch.enable_grad():
+        run_task(
+            fm,
+            loss_fn,
+            probe,
+            AutogradBackend(probe, 0),
+            th,
+            ex,
+            fm.buffers(),
+            tasks[0][0],
+            tasks[1][0],
+        )
+
+
 def meta_vmap(
     fm: FunctionalModel,
     loss_fn: LossFn,
@@ -120,6 +201,7 @@ def meta_vmap(
     need_grad: bool,
 ) -> MetaResult:
     """All tasks at once: ``grad(mean(vmap(task)))``, exact for vmap-safe models."""
+    _check_reaches_support(fm, loss_fn, spec, theta, extra, tasks)
     buffers = fm.buffers()
     backend = FuncBackend(spec)
 
@@ -184,6 +266,8 @@ def meta_gradient(
     chosen = resolve_strategy(strategy, fm, spec.fn_name)
     if chosen == "vmap":
         return meta_vmap(fm, loss_fn, spec, theta, extra, tasks, need_grad)
+    if chosen == "hvp_chain":
+        return meta_hvp_chain(fm, loss_fn, spec, theta, extra, tasks, need_grad)
     return meta_loop(fm, loss_fn, spec, theta, extra, tasks, need_grad)
 
 
