@@ -1,7 +1,49 @@
-"""metagrad: exact higher-order meta-gradients for PyTorch."""
+"""metagrad: exact higher-order meta-gradients for PyTorch.
+
+The public surface, explicitly:
+
+* derivative toolkit: :func:`nth_derivative`, :func:`hvp`, :func:`hessian`, :func:`jacobian`,
+  :func:`grad_norm_penalty` (``metagrad.derivatives``);
+* learners: :class:`MAML`, :class:`MetaSGD`, :class:`ANIL`, :class:`MAMLpp`, :class:`Reptile`
+  (``metagrad.algorithms``), over the functional core ``metagrad.functional``;
+* differentiable inner optimizers: :class:`SGD`, :class:`Momentum`, :class:`Adam`;
+* verification: :func:`check_meta_gradient` / :class:`CheckReport` (``metagrad check``);
+* the seeds' toy: :func:`linear_toy` (``metagrad explain``);
+* errors: :class:`NonFiniteError`.
+
+Optional subpackages, imported on demand: ``metagrad.viz`` (graphs, traces),
+``metagrad.compat.learn2learn`` (drop-in learn2learn API), ``metagrad.models``.
+"""
 
 from __future__ import annotations
 
+from metagrad._errors import NonFiniteError
+from metagrad.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile
+from metagrad.check import CheckReport, check_meta_gradient
+from metagrad.derivatives import grad_norm_penalty, hessian, hvp, jacobian, nth_derivative
+from metagrad.functional import SGD, Adam, Momentum
+from metagrad.toy import ToyResult, linear_toy
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "ANIL",
+    "MAML",
+    "SGD",
+    "Adam",
+    "CheckReport",
+    "MAMLpp",
+    "MetaSGD",
+    "Momentum",
+    "NonFiniteError",
+    "Reptile",
+    "ToyResult",
+    "__version__",
+    "check_meta_gradient",
+    "grad_norm_penalty",
+    "hessian",
+    "hvp",
+    "jacobian",
+    "linear_toy",
+    "nth_derivative",
+]

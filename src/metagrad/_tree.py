@@ -44,7 +44,9 @@ def tree_unflatten_vector(vec: Tensor, like: TensorTree) -> TensorTree:
     return out[""] if isinstance(like, Tensor) else out
 
 
-def check_same_structure(fn_name: str, a: TensorTree, b: TensorTree, a_name: str, b_name: str) -> None:
+def check_same_structure(
+    fn_name: str, a: TensorTree, b: TensorTree, a_name: str, b_name: str
+) -> None:
     """Raise a clear error unless ``a`` and ``b`` are the same tensor/dict structure, shapes, dtypes."""
     if isinstance(a, Tensor) != isinstance(b, Tensor):
         raise TypeError(
