@@ -294,7 +294,15 @@ def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 # ---------------------------------------------------------------------------------- main
 
 _Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-_REGISTRARS: tuple[_Registrar, ...] = (_add_explain, _add_check)
+
+
+def _add_graph(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from metagrad.viz._cli import add_graph_parser
+
+    add_graph_parser(subparsers)
+
+
+_REGISTRARS: tuple[_Registrar, ...] = (_add_explain, _add_check, _add_graph)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,12 +60,26 @@ MLP_CASES: dict[str, Callable[[nn.Module, str], mg.MAML]] = {
 }
 
 
+@pytest.mark.parametrize("strategy", ["hvp_chain", "checkpoint"])
 @pytest.mark.parametrize("case", list(MLP_CASES))
-def test_hvp_chain_equals_create_graph_loop_mlp(case: str) -> None:
+def test_hvp_chain_equals_create_graph_loop_mlp(case: str, strategy: str) -> None:
     model, tasks = _mlp(), _reg_tasks()
     ref = MLP_CASES[case](model, "loop").meta_grad(*tasks)
-    got = MLP_CASES[case](model, "hvp_chain").meta_grad(*tasks)
+    got = MLP_CASES[case](model, strategy).meta_grad(*tasks)
     assert _rel(got, ref) <= 1e-10
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 7])
+def test_checkpoint_segments_cover_every_step(steps: int) -> None:
+    """Segment lengths ceil(sqrt(K)) that do and do not divide K, with the multi-step loss."""
+    model, tasks = _mlp(), _reg_tasks()
+
+    def make(s: str) -> mg.MAML:
+        return mg.MAML(
+            model, F.mse_loss, 0.05, steps, multi_step_loss=True, msl_anneal_steps=2, strategy=s
+        )
+
+    assert _rel(make("checkpoint").meta_grad(*tasks), make("loop").meta_grad(*tasks)) <= 1e-10
 
 
 @pytest.mark.parametrize("per_step_bn", [False, True])

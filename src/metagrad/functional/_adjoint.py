@@ -18,6 +18,10 @@ Only the iterates :math:`t_k, s_k` are stored (``K`` copies of the adapted param
 the activations of the whole unrolled loop: each step's graph is rebuilt from :math:`t_k`, used
 for one vector-Jacobian product and freed. Memory is that of one inner step, at the price of one
 extra forward/backward per step. The result equals the ``create_graph`` loop to rounding.
+
+``strategy="checkpoint"`` keeps only every ``ceil(sqrt(K))``-th iterate and recomputes each
+segment when the backward pass reaches it: :math:`O(\sqrt K)` parameter copies for one more
+forward pass of the inner loop.
 """
 
 from __future__ import annotations
@@ -62,8 +66,13 @@ def task_adjoint(
     xq: Tensor,
     yq: Tensor,
     task: int,
+    every: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor | None]]:
     """One task's objective and its exact gradient by the backward HVP chain.
+
+    Args:
+        every: keep every ``every``-th iterate only and recompute the rest (checkpointing);
+            None keeps all ``K`` iterates.
 
     Returns:
         ``(objective, grads)`` with grads keyed ``"theta:<name>"`` / ``"extra:<name>"``.
@@ -81,20 +90,46 @@ def task_adjoint(
     grads.update({f"extra:{k}": None for k in extra})
 
     # Forward: iterates only (first-order backend: no second-order graph is built here).
-    fwd = AutogradBackend(dataclasses.replace(spec, order=1), task)
-    t: Params = {n: theta[n].detach() for n in names}
-    state: OptState = spec.optimizer.init(t)
-    iterates: list[tuple[Params, OptState]] = []
-    for k in range(K):
-        iterates.append((t, state))
+    # With ``every`` set, only every ``every``-th iterate is kept and the others are recomputed
+    # segment by segment during the backward pass (gradient checkpointing across inner steps).
+    fwd = AutogradBackend(dataclasses.replace(spec, order=1, check_finite=False), task)
+    fwd_checked = AutogradBackend(dataclasses.replace(spec, order=1), task)
+
+    def advance(
+        t: Params, state: OptState, k: int, backend: AutogradBackend
+    ) -> tuple[Params, OptState]:
         with torch.enable_grad():
             a = {n: v.detach().requires_grad_() for n, v in t.items()}
             new, new_state, _ = inner_step(
-                fm, loss_fn, spec, fwd, fixed, ex, buffers, a, state, k, xs, ys
+                fm, loss_fn, spec, backend, fixed, ex, buffers, a, state, k, xs, ys
             )
-        t = {n: v.detach() for n, v in new.items()}
-        state = {n: v.detach() for n, v in new_state.items()}
-    iterates.append((t, state))
+        return {n: v.detach() for n, v in new.items()}, {
+            n: v.detach() for n, v in new_state.items()
+        }
+
+    stride = 1 if every is None else max(1, every)
+    t: Params = {n: theta[n].detach() for n in names}
+    state: OptState = spec.optimizer.init(t)
+    stored: dict[int, tuple[Params, OptState]] = {}
+    for k in range(K):
+        if k % stride == 0:
+            stored[k] = (t, state)
+        t, state = advance(t, state, k, fwd_checked)
+    stored[K] = (t, state)
+    segment: dict[int, tuple[Params, OptState]] = {}
+
+    def iterate(k: int) -> tuple[Params, OptState]:
+        if k in stored:
+            return stored[k]
+        if k not in segment:
+            segment.clear()  # keep one segment at a time: O(K / every + every) copies
+            base = (k // stride) * stride
+            t_, s_ = stored[base]
+            for j in range(base, min(base + stride, K)):
+                if j > base:
+                    segment[j] = (t_, s_)
+                t_, s_ = advance(t_, s_, j, fwd)
+        return segment[k]
 
     def weight(k: int) -> float:
         if spec.step_weights is None or K == 0:
@@ -108,7 +143,7 @@ def task_adjoint(
     u: dict[str, Tensor] = {n: torch.zeros_like(x) for n, x in state.items()}
     back = AutogradBackend(spec, task)
     for k in range(K, -1, -1):
-        t_k = iterates[k][0]
+        t_k = iterate(k)[0]
         w = weight(k)
         if w != 0.0:
             with torch.enable_grad():
@@ -128,7 +163,7 @@ def task_adjoint(
         if k == 0:
             break
         # Backward through step k-1: rebuild its graph from the stored iterate, one VJP, free it.
-        t_prev, s_prev = iterates[k - 1]
+        t_prev, s_prev = iterate(k - 1)
         with torch.enable_grad():
             a = {n: x.detach().requires_grad_() for n, x in t_prev.items()}
             s = {n: x.detach().requires_grad_() for n, x in s_prev.items()}

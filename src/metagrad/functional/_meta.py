@@ -12,6 +12,8 @@ r"""Meta-batch strategies: exact meta-gradients over ``T`` tasks.
 * ``"hvp_chain"``: per task, exact second order by a backward chain of Hessian-vector products
   at stored iterates (``metagrad.functional._adjoint``): memory of one inner step instead of
   the whole unrolled loop, about one extra forward/backward per step.
+* ``"checkpoint"``: as ``"hvp_chain"`` but storing only every ``ceil(sqrt(K))``-th iterate and
+  recomputing the others segment by segment.
 * ``"auto"`` (default): ``"vmap"`` when the model is vmap-safe, else ``"loop"``.
 
 Both return the mean query objective and the gradient for every meta-parameter; the engine
@@ -20,6 +22,7 @@ then attaches that gradient to a loss tensor so ``loss.backward()`` delivers it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,7 +35,7 @@ from metagrad.functional._adjoint import task_adjoint
 from metagrad.functional._inner import AutogradBackend, FuncBackend, InnerSpec, run_task
 from metagrad.functional._model import FunctionalModel
 
-STRATEGIES = ("auto", "loop", "vmap", "hvp_chain")
+STRATEGIES = ("auto", "loop", "vmap", "hvp_chain", "checkpoint")
 
 
 @dataclass
@@ -122,6 +125,7 @@ def meta_hvp_chain(
     extra: Params,
     tasks: tuple[Tensor, Tensor, Tensor, Tensor],
     need_grad: bool,
+    every: int | None = None,
 ) -> MetaResult:
     """Per-task backward HVP chain: exact, without storing the inner loop's graph."""
     if not need_grad:
@@ -134,7 +138,7 @@ def meta_hvp_chain(
     for i in range(T):
         try:
             obj, gs = task_adjoint(
-                fm, loss_fn, spec, theta, extra, buffers, xs[i], ys[i], xq[i], yq[i], i
+                fm, loss_fn, spec, theta, extra, buffers, xs[i], ys[i], xq[i], yq[i], i, every
             )
         except RuntimeError as err:
             better = translate_autograd_error(spec.fn_name, err, spec.order)
@@ -268,6 +272,9 @@ def meta_gradient(
         return meta_vmap(fm, loss_fn, spec, theta, extra, tasks, need_grad)
     if chosen == "hvp_chain":
         return meta_hvp_chain(fm, loss_fn, spec, theta, extra, tasks, need_grad)
+    if chosen == "checkpoint":
+        every = max(1, math.ceil(math.sqrt(spec.steps)))
+        return meta_hvp_chain(fm, loss_fn, spec, theta, extra, tasks, need_grad, every)
     return meta_loop(fm, loss_fn, spec, theta, extra, tasks, need_grad)
 
 
