@@ -4,7 +4,8 @@ The public surface, explicitly:
 
 * derivative toolkit: :func:`nth_derivative`, :func:`hvp`, :func:`hessian`, :func:`jacobian`,
   :func:`grad_norm_penalty` (``metagrad.derivatives``);
-* learners: :class:`MAML`, :class:`MetaSGD`, :class:`ANIL`, :class:`MAMLpp`, :class:`Reptile`
+* learners: :class:`MAML`, :class:`MetaSGD`, :class:`ANIL`, :class:`MAMLpp`, :class:`Reptile`,
+  :class:`IMAML`
   (``metagrad.algorithms``), over the functional core ``metagrad.functional``;
 * differentiable inner optimizers: :class:`SGD`, :class:`Momentum`, :class:`Adam`;
 * verification: :func:`check_meta_gradient` / :class:`CheckReport` (``metagrad check``);
@@ -18,7 +19,7 @@ Optional subpackages, imported on demand: ``metagrad.viz`` (graphs, traces),
 from __future__ import annotations
 
 from metagrad._errors import NonFiniteError
-from metagrad.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile
+from metagrad.algorithms import ANIL, IMAML, MAML, MAMLpp, MetaSGD, Reptile
 from metagrad.check import CheckReport, check_meta_gradient
 from metagrad.derivatives import grad_norm_penalty, hessian, hvp, jacobian, nth_derivative
 from metagrad.functional import SGD, Adam, Momentum
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ANIL",
+    "IMAML",
     "MAML",
     "SGD",
     "Adam",
