@@ -1,0 +1,190 @@
+"""Memory and time of exact second order vs inner steps, per strategy (issue: constant memory).
+
+For each (workload, strategy, inner steps) cell a FRESH subprocess builds the model and one
+meta-batch, records ``ru_maxrss``, runs one meta-step (``meta_loss(...).backward()``), and
+reports the growth of the peak resident set (MB), then the median time of ``repeats`` further
+meta-steps (the first, measured step is a warm-up for timing).
+Single-threaded (``torch.set_num_threads(1)``), float32.
+
+Strategies: ``create_graph`` (per-task loop, the classic unrolled second order), ``hvp_chain``
+(backward HVP chain from stored iterates), ``checkpoint`` (sqrt(K) stored iterates),
+``imaml`` (implicit gradient, CG 5 steps, lambda 1), ``first_order`` (FOMAML loop).
+
+Usage::
+
+    python benchmarks/bench_memory.py                  # full grid (~10 minutes on 1 core)
+    python benchmarks/bench_memory.py --quick          # small grid, for a smoke run
+    python benchmarks/bench_memory.py --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+STRATEGIES = ("create_graph", "hvp_chain", "checkpoint", "imaml", "first_order")
+
+
+def _cell(workload: str, strategy: str, steps: int, repeats: int) -> dict[str, float]:
+    """Runs in the child process."""
+    import torch
+    import torch.nn.functional as F
+
+    import metagrad as mg
+    from metagrad.models import conv4, sinusoid_mlp
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    # torch.autograd.grad(grad_outputs=...) imports torch.fx's symbolic shapes (sympy, ~40 MB)
+    # on first use: a one-time library cost, not activation memory, so load it up front.
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
+
+    if workload == "sinusoid":
+        model = sinusoid_mlp()
+        T, K = 25, 10
+        amp, phase = torch.rand(T, 1, 1) * 4.9 + 0.1, torch.rand(T, 1, 1) * torch.pi
+        xs, xq = torch.rand(T, K, 1) * 10 - 5, torch.rand(T, K, 1) * 10 - 5
+        ys, yq = amp * torch.sin(xs - phase), amp * torch.sin(xq - phase)
+        loss_fn, lr = F.mse_loss, 0.01
+    else:
+        model = conv4(n_way=5, hidden=64)
+        T = 8
+        xs, xq = torch.rand(T, 5, 1, 28, 28), torch.rand(T, 75, 1, 28, 28)
+        ys = torch.arange(5).repeat(T, 1)
+        yq = torch.arange(5).repeat_interleave(15).repeat(T, 1)
+        loss_fn, lr = F.cross_entropy, 0.1
+    if strategy == "imaml":
+        learner: torch.nn.Module = mg.IMAML(
+            model, loss_fn, inner_lr=lr, inner_steps=steps, lam=1.0, cg_steps=5
+        )
+    else:
+        order = 1 if strategy == "first_order" else 2
+        strat = "loop" if strategy in ("create_graph", "first_order") else strategy
+        learner = mg.MAML(
+            model, loss_fn, inner_lr=lr, inner_steps=steps, order=order, strategy=strat
+        )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    learner.meta_loss(xs, ys, xq, yq).backward()  # type: ignore[operator]
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        model.zero_grad()
+        t0 = time.perf_counter()
+        learner.meta_loss(xs, ys, xq, yq).backward()  # type: ignore[operator]
+        times.append(time.perf_counter() - t0)
+    return {"peak_mb": (after - before) / 1024.0, "ms": 1000 * statistics.median(times)}
+
+
+def _run_cell(workload: str, strategy: str, steps: int, repeats: int) -> dict[str, float]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import bench_memory as b; "
+        f"print(json.dumps(b._cell({workload!r}, {strategy!r}, {steps}, {repeats})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    if out.returncode != 0:
+        return {
+            "peak_mb": float("nan"),
+            "ms": float("nan"),
+            "error": out.stderr.strip().splitlines()[-1],
+        }  # type: ignore[dict-item]
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--markdown", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import torch
+
+    import metagrad
+
+    grid = {"sinusoid": [1, 5, 25, 100], "conv4": [1, 5, 25]}
+    repeats = {"sinusoid": 3, "conv4": 2}
+    if args.quick:
+        grid, repeats = {"sinusoid": [1, 5], "conv4": [1]}, {"sinusoid": 2, "conv4": 1}
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in open("/proc/cpuinfo")
+            if ln.startswith("model name")
+        ),
+        "?",
+    )
+    header = (
+        f"machine: {platform.machine()} {cpu}, {os.cpu_count()} cores; 1 thread; python "
+        f"{platform.python_version()}, torch {torch.__version__}, metagrad {metagrad.__version__}"
+    )
+    print(header, flush=True)
+    results: dict[str, dict[str, dict[int, dict[str, float]]]] = {}
+    for workload, steps_list in grid.items():
+        results[workload] = {s: {} for s in STRATEGIES}
+        for steps in steps_list:
+            for strategy in STRATEGIES:
+                r = _run_cell(workload, strategy, steps, repeats[workload])
+                results[workload][strategy][steps] = r
+                print(
+                    f"{workload:8s} K={steps:3d} {strategy:12s} peak +{r['peak_mb']:8.1f} MB  {r['ms']:10.1f} ms",
+                    flush=True,
+                )
+    lines = [header, ""]
+    for workload, steps_list in grid.items():
+        desc = (
+            "sinusoid MLP 1-40-40-1, 25 tasks, K=10/10"
+            if workload == "sinusoid"
+            else "conv-4 (64, BN) 5-way 1-shot, 15 query/class, 8 tasks"
+        )
+        lines += [
+            f"### {desc}",
+            "",
+            "| strategy | " + " | ".join(f"K={k} MB / ms" for k in steps_list) + " |",
+            "|---|" + "---|" * len(steps_list),
+        ]
+        for strategy in STRATEGIES:
+            cells = [
+                f"{results[workload][strategy][k]['peak_mb']:.1f} / {results[workload][strategy][k]['ms']:.0f}"
+                for k in steps_list
+            ]
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        fo = results[workload]["first_order"]
+        lines += ["", "Ratios to first order (memory) and to create_graph (time):", ""]
+        lines += [
+            "| strategy | " + " | ".join(f"K={k} mem/FO, time/CG" for k in steps_list) + " |",
+            "|---|" + "---|" * len(steps_list),
+        ]
+        for strategy in ("hvp_chain", "checkpoint", "imaml"):
+            cells = []
+            for k in steps_list:
+                r, f, c = (
+                    results[workload][strategy][k],
+                    fo[k],
+                    results[workload]["create_graph"][k],
+                )
+                cells.append(
+                    f"{r['peak_mb'] / max(f['peak_mb'], 1e-9):.2f}x, {r['ms'] / c['ms']:.2f}x"
+                )
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
