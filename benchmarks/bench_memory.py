@@ -44,7 +44,7 @@ def _cell(workload: str, strategy: str, steps: int, repeats: int) -> dict[str, f
     torch.manual_seed(0)
     # torch.autograd.grad(grad_outputs=...) imports torch.fx's symbolic shapes (sympy, ~40 MB)
     # on first use: a one-time library cost, not activation memory, so load it up front.
-    import torch.fx.experimental.symbolic_shapes  # noqa: F401
+    import torch.fx.experimental.symbolic_shapes
 
     if workload == "sinusoid":
         model = sinusoid_mlp()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -61,24 +63,46 @@ def check_tasks(
             f"query inputs {tuple(ts['xq'].shape[2:])}; both must match the model's input."
         )
     for name, t in ts.items():
-        if t.device != device:
-            raise ValueError(
-                f"{fn_name}: {name} is on {t.device} but the model is on {device}; move the batch "
-                f"with {name}.to({str(device)!r})."
-            )
-        if t.is_floating_point() and t.dtype != dtype:
-            raise TypeError(
-                f"{fn_name}: {name} has dtype {t.dtype} but the model's parameters are {dtype}; "
-                f"cast with {name}.to({dtype})."
-            )
+        _check_dtype_device(fn_name, name, t, dtype, device)
     return ts["xs"], ts["ys"], ts["xq"], ts["yq"]
+
+
+def _check_dtype_device(
+    fn_name: str, name: str, t: Tensor, dtype: torch.dtype, device: torch.device
+) -> None:
+    if t.device != device:
+        raise ValueError(
+            f"{fn_name}: {name} is on {t.device} but the model is on {device}; move the batch "
+            f"with {name}.to({str(device)!r})."
+        )
+    if t.is_floating_point() and t.dtype != dtype:
+        raise TypeError(
+            f"{fn_name}: {name} has dtype {t.dtype} but the model's parameters are {dtype}; "
+            f"cast with {name}.to({dtype})."
+        )
 
 
 def check_task(
     fn_name: str, x: object, y: object, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """Check one task's ``x [K,...], y [K,...]`` (for ``adapt``)."""
-    xt = x.unsqueeze(0) if isinstance(x, Tensor) else x
-    yt = y.unsqueeze(0) if isinstance(y, Tensor) else y
-    xs, ys, _, _ = check_tasks(fn_name, xt, yt, xt, yt, dtype, device)
-    return xs[0], ys[0]
+    """Check one task's ``x [K,...], y [K,...]`` (for ``adapt``); messages name ``x`` and ``y``."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            got = "a 0-d tensor" if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(
+                f"{fn_name}: {name} must be one task's torch.Tensor [examples, ...], got {got}."
+            )
+    x, y = cast(Tensor, x), cast(Tensor, y)
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{fn_name}: the support set is empty (x.shape={tuple(x.shape)}); give at least one "
+            f"example."
+        )
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{fn_name}: x has {x.shape[0]} examples but y has {y.shape[0]} (shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}); inputs and targets must pair up."
+        )
+    for name, t in (("x", x), ("y", y)):
+        _check_dtype_device(fn_name, name, t, dtype, device)
+    return x, y
