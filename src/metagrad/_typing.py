@@ -6,7 +6,7 @@ name (as in ``nn.Module.named_parameters``) to a tensor.
 
 from __future__ import annotations
 
-from typing import Protocol, Union
+from typing import Protocol
 
 from torch import Tensor
 
@@ -16,7 +16,7 @@ Params = dict[str, Tensor]
 Buffers = dict[str, Tensor]
 """Buffer dict: qualified name -> tensor (same keys as ``module.named_buffers()``)."""
 
-TensorTree = Union[Tensor, dict[str, Tensor]]
+TensorTree = Tensor | dict[str, Tensor]
 """A single tensor or a flat dict of tensors: the structures the derivative toolkit accepts."""
 
 

@@ -139,7 +139,7 @@ class MAML(Learner):
         self.msl_anneal_steps = check_steps(fn, "msl_anneal_steps", msl_anneal_steps)
         self.first_order_steps = check_steps(fn, "first_order_steps", first_order_steps)
         self.strategy = strategy
-        resolve_strategy(strategy, self.fmodel, fn)
+        resolve_strategy(strategy, self.fmodel, fn, order)
         self.allow_unused = bool(allow_unused)
         self.check_finite = bool(check_finite)
         self.register_buffer("meta_step", torch.zeros((), dtype=torch.long))

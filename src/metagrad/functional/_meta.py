@@ -243,7 +243,8 @@ def meta_vmap(
     return MetaResult(loss.detach(), grads, per_task)
 
 
-def resolve_strategy(strategy: str, fm: FunctionalModel, fn_name: str) -> str:
+def resolve_strategy(strategy: str, fm: FunctionalModel, fn_name: str, order: int = 2) -> str:
+    """The concrete strategy for ``strategy`` on this model; refuses a vmap that would be wrong."""
     if strategy not in STRATEGIES:
         raise ValueError(
             f"{fn_name}: strategy={strategy!r} is not known; use one of {STRATEGIES} "
@@ -251,6 +252,15 @@ def resolve_strategy(strategy: str, fm: FunctionalModel, fn_name: str) -> str:
         )
     if strategy == "auto":
         return "vmap" if fm.vmap_safe() else "loop"
+    if strategy == "vmap" and order == 2:
+        bad = fm.vmap_wrong_second_order()
+        if bad:
+            raise ValueError(
+                f"{fn_name}: strategy='vmap' with order=2 gives WRONG meta-gradients for this model: "
+                f"the batched double backward of {bad} differs from the exact one (measured "
+                f"relative error 1e-3 to 4e-2; cf. pytorch/functorch#534). Use strategy='auto' or "
+                f"'loop' (exact), or 'hvp_chain' for many inner steps."
+            )
     return strategy
 
 
@@ -267,7 +277,7 @@ def meta_gradient(
 ) -> MetaResult:
     """Mean query objective over the meta-batch and its exact gradient (see module docstring)."""
     fm.sync_modes()
-    chosen = resolve_strategy(strategy, fm, spec.fn_name)
+    chosen = resolve_strategy(strategy, fm, spec.fn_name, spec.order)
     if chosen == "vmap":
         return meta_vmap(fm, loss_fn, spec, theta, extra, tasks, need_grad)
     if chosen == "hvp_chain":
