@@ -73,7 +73,9 @@ class MAML(Learner):
             ``order``.
         per_step_bn: MAML++ per-step normalization weights and biases: each inner step (and the
             query pass after the last) uses its own learned copy of every normalization layer's
-            affine parameters; those are not adapted in the inner loop.
+            affine parameters; those are not adapted in the inner loop. With ``bn="running"``
+            also per-step running statistics (buffers ``step_stats_s<k>__...``): updated from the
+            batch statistics of each training call, read at step ``k`` in eval mode.
         bn: BatchNorm policy, ``"transductive"`` (default, batch statistics everywhere, as the MAML
             reference) or ``"running"`` (module mode decides; running stats read, never written).
         strategy: ``"auto"`` (default), ``"loop"`` or ``"vmap"``; see ``metagrad.functional``.
@@ -184,6 +186,23 @@ class MAML(Learner):
                 key = f"s{k}__{_san(n)}"
                 self.step_norm[key] = nn.Parameter(live[n].detach().clone())
                 self._extra_keys[f"bn{k}.{n}"] = ("step_norm", key)
+        # MAML++ per-step running statistics: read in eval mode with bn="running", updated from
+        # the batch statistics of every training forward (transductive BN never reads them).
+        self._stat_modules: tuple[str, ...] = ()
+        if self.per_step_bn and bn == "running":
+            if strategy == "vmap":
+                raise ValueError(
+                    f"{fn}: per_step_bn=True with bn='running' records per-step statistics, which "
+                    f"needs strategy='auto', 'loop', 'hvp_chain' or 'checkpoint', not 'vmap'."
+                )
+            self._stat_modules = tuple(self.fmodel.stat_norm_modules())
+            bufs = dict(model.named_buffers())
+            for k in range(max(self.inner_steps, self.eval_steps) + 1):
+                for m in self._stat_modules:
+                    for stat in ("mean", "var"):
+                        src = bufs[f"{m}.running_{stat}"].detach().clone()
+                        self.register_buffer(f"step_stats_s{k}__{_san(m)}__{stat}", src)
+            self.fmodel.enable_stat_recording()
 
     # -- engine hooks ----------------------------------------------------------------------
     def extra_params(self) -> Params:
@@ -207,6 +226,31 @@ class MAML(Learner):
         last = max(self.inner_steps, self.eval_steps)
         return {n: extra[f"bn{min(step, last)}.{n}"] for n in self._norm_params}
 
+    def _step_buffers(self, step: int) -> dict[str, Tensor]:
+        k = min(step, max(self.inner_steps, self.eval_steps))
+        out: dict[str, Tensor] = {}
+        for m in self._stat_modules:
+            for stat in ("mean", "var"):
+                out[f"{m}.running_{stat}"] = getattr(self, f"step_stats_s{k}__{_san(m)}__{stat}")
+        return out
+
+    @torch.no_grad()
+    def _update_step_stats(self, records: list[tuple[str, int, Tensor, Tensor]]) -> None:
+        """Running averages (the module's BN momentum) of the recorded per-step batch statistics."""
+        groups: dict[tuple[str, int], list[tuple[Tensor, Tensor]]] = {}
+        for name, step, mean, var in records:
+            groups.setdefault((name, step), []).append((mean, var))
+        last = max(self.inner_steps, self.eval_steps)
+        for (name, step), vals in groups.items():
+            module = self.module.get_submodule(name)
+            raw = getattr(module, "momentum", None)
+            mom: float = raw if isinstance(raw, float) else 0.1  # None (cumulative) -> 0.1
+            k = min(step, last)
+            for i, stat in enumerate(("mean", "var")):
+                batch = torch.stack([v[i] for v in vals]).mean(0)
+                buf = getattr(self, f"step_stats_s{k}__{_san(name)}__{stat}")
+                buf.mul_(1 - mom).add_(mom * batch.to(buf.dtype))
+
     def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
         weights = None
         if self.multi_step_loss and training and steps > 0:
@@ -218,6 +262,7 @@ class MAML(Learner):
             adapt_names=self.adapt_names,
             lr_rule=self._lr_rule,
             step_params=self._step_params if self.per_step_bn else None,
+            step_buffers=self._step_buffers if self._stat_modules else None,
             step_weights=weights,
             allow_unused=self.allow_unused,
             check_finite=self.check_finite,
@@ -228,20 +273,34 @@ class MAML(Learner):
     def meta_result(
         self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
     ) -> MetaResult:
-        """Mean query loss and its gradient per meta-parameter, without touching ``.grad``."""
+        """Mean query loss and its gradient per meta-parameter, without touching ``.grad``.
+
+        With per-step running statistics (``per_step_bn=True, bn="running"``), a call in train
+        mode also updates them from the batch statistics it saw.
+        """
         tasks = self._tasks("meta_loss", xs, ys, xq, yq)
         steps = self.inner_steps if self.training else self.eval_steps
         spec = self.inner_spec(steps, self.current_order(), training=self.training)
-        return meta_gradient(
-            self.fmodel,
-            self.loss_fn,
-            spec,
-            self.fmodel.params(),
-            self.extra_params(),
-            tasks,
-            strategy=self.strategy,
-            need_grad=need_grad,
-        )
+        record = bool(self._stat_modules) and self.training
+        self.fmodel.recording = [] if record else None
+        try:
+            res = meta_gradient(
+                self.fmodel,
+                self.loss_fn,
+                spec,
+                self.fmodel.params(),
+                self.extra_params(),
+                tasks,
+                strategy=self.strategy,
+                need_grad=need_grad,
+            )
+            records = self.fmodel.recording
+        finally:
+            self.fmodel.recording = None
+            self.fmodel.record_step = None
+        if records:
+            self._update_step_stats(records)
+        return res
 
     def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         r"""Mean over tasks of the query loss after adaptation; ``.backward()`` gives the meta-gradient.

@@ -35,6 +35,9 @@ LRRule = Callable[[Params, int, str], LR]
 StepParams = Callable[[Params, int], Params]
 """``step_params(extra, step)``: parameters that replace the model's at ``step`` (per-step BN)."""
 
+StepBuffers = Callable[[int], Buffers]
+"""``step_buffers(step)``: buffers (per-step running statistics) that replace the model's at ``step``."""
+
 
 @dataclass(frozen=True)
 class InnerSpec:
@@ -46,6 +49,7 @@ class InnerSpec:
     adapt_names: tuple[str, ...]
     lr_rule: LRRule
     step_params: StepParams | None = None
+    step_buffers: StepBuffers | None = None
     step_weights: tuple[float, ...] | None = None
     allow_unused: bool = False
     check_finite: bool = True
@@ -124,6 +128,13 @@ def params_at(spec: InnerSpec, fixed: Params, extra: Params, adapted: Params, st
     return full
 
 
+def buffers_at(spec: InnerSpec, buffers: Buffers, step: int) -> Buffers:
+    """Buffers read by the forward pass at inner ``step`` (per-step statistics when configured)."""
+    if spec.step_buffers is None:
+        return buffers
+    return {**buffers, **spec.step_buffers(step)}
+
+
 def inner_step(
     fm: FunctionalModel,
     loss_fn: LossFn,
@@ -140,8 +151,11 @@ def inner_step(
 ) -> tuple[Params, OptState, Tensor]:
     """One inner update ``(t_k, s_k) -> (t_{k+1}, s_{k+1})``; also returns the support loss."""
 
+    step_bufs = buffers_at(spec, buffers, step)
+
     def support(a: Params) -> Tensor:
-        pred = fm.forward(params_at(spec, fixed, extra, a, step), buffers, xs)
+        fm.record_step = step
+        pred = fm.forward(params_at(spec, fixed, extra, a, step), step_bufs, xs)
         return _scalar_loss(spec, loss_fn(pred, ys), "support")
 
     grads, loss = backend(support, adapted, step)
@@ -163,7 +177,10 @@ def query_loss(
     yq: Tensor,
 ) -> Tensor:
     """Query loss of the parameters reached after ``step`` inner steps."""
-    pred = fm.forward(params_at(spec, fixed, extra, adapted, step), buffers, xq)
+    fm.record_step = step
+    pred = fm.forward(
+        params_at(spec, fixed, extra, adapted, step), buffers_at(spec, buffers, step), xq
+    )
     return _scalar_loss(spec, loss_fn(pred, yq), "query")
 
 
@@ -206,4 +223,7 @@ def run_task(
         objective = query_loss(
             fm, loss_fn, spec, fixed, extra, buffers, adapted, spec.steps, xq, yq
         )
-    return objective, params_at(spec, fixed, extra, adapted, spec.steps), support_losses
+    final = params_at(spec, fixed, extra, adapted, spec.steps)
+    if spec.step_buffers is not None:  # predict() then reads the statistics of the last step
+        final.update(spec.step_buffers(spec.steps))
+    return objective, final, support_losses

@@ -87,6 +87,11 @@ class FunctionalModel:
     buffer_names: list[str]
     bn: str
     _mode_pairs: list[tuple[nn.Module, nn.Module]] = field(default_factory=list)
+    # Per-step running statistics (MAML++): while ``recording`` is a list, every norm layer with
+    # statistics appends (module name, record_step, batch mean, batch var) of its input.
+    recording: list[tuple[str, int, Tensor, Tensor]] | None = None
+    record_step: int | None = None
+    _hooked: bool = False
 
     @classmethod
     def from_module(
@@ -122,6 +127,10 @@ class FunctionalModel:
         pairs = list(zip(module.modules(), template.modules()))
         return cls(module, template, trainable, frozen, buffer_names, bn, pairs)
 
+    @property
+    def _buffer_set(self) -> set[str]:
+        return set(self.buffer_names)
+
     def params(self) -> Params:
         """The user's trainable parameters (live references, so the meta-gradient reaches them)."""
         named = dict(self.source.named_parameters())
@@ -137,8 +146,48 @@ class FunctionalModel:
         for src, tpl in self._mode_pairs:
             tpl.training = src.training
 
+    def stat_norm_modules(self) -> list[str]:
+        """Names of the user's norm layers that track running statistics."""
+        return [
+            n
+            for n, m in self.source.named_modules()
+            if isinstance(m, _NORM_WITH_STATS)
+            and m.track_running_stats
+            and m.running_mean is not None
+        ]
+
+    def enable_stat_recording(self) -> None:
+        """Install forward pre-hooks on the template that record per-step batch statistics."""
+        if self._hooked:
+            return
+        wanted = set(self.stat_norm_modules())
+        for name, m in self.template.named_modules():
+            if name in wanted:
+                m.register_forward_pre_hook(self._make_hook(name))
+        self._hooked = True
+
+    def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            if self.recording is None or self.record_step is None or not module.training:
+                return
+            x = args[0].detach()
+            dims = [0, *range(2, x.dim())]
+            self.recording.append(
+                (name, self.record_step, x.mean(dims), x.var(dims, unbiased=True))
+            )
+
+        return hook
+
     def forward(self, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
-        """Run the template with ``params`` (trainable subset; frozen ones are added)."""
+        """Run the template with ``params`` (trainable subset; frozen ones are added).
+
+        Entries of ``params`` named like a buffer (per-step statistics returned by ``adapt``)
+        override that buffer.
+        """
+        extra_bufs = [k for k in params if k in self._buffer_set]
+        if extra_bufs:
+            buffers = {**buffers, **{k: params[k] for k in extra_bufs}}
+            params = {k: v for k, v in params.items() if k not in self._buffer_set}
         if self.frozen:
             named = dict(self.source.named_parameters())
             params = {**{k: named[k].detach() for k in self.frozen}, **params}
