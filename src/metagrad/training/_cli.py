@@ -1,0 +1,312 @@
+"""``metagrad train`` and ``metagrad eval`` (registered by ``metagrad.cli``).
+
+Errors print one line ``metagrad <cmd>: error: ...`` and return exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from metagrad._errors import NonFiniteError
+from metagrad.tasks import DatasetError, derive_seed
+from metagrad.training._build import TEST_STREAM, make_sampler
+from metagrad.training._checkpoint import CheckpointError, load_checkpoint
+from metagrad.training._config import (
+    ALGORITHMS,
+    ALIASES,
+    PRESETS,
+    STRATEGIES,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    preset,
+    read_config_file,
+    validate,
+)
+from metagrad.training._evaluate import format_table
+from metagrad.training._report import make_plots, paper_reference, write_results
+from metagrad.training._trainer import Trainer
+
+Subparsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteError, ValueError, OSError)
+# flag dest -> TrainConfig field (only flags given on the command line override).
+TRAIN_FLAGS = {
+    "data": "data", "algorithm": "algorithm", "iterations": "iterations", "seed": "seed",
+    "meta_batch": "meta_batch", "inner_steps": "inner_steps", "inner_lr": "inner_lr",
+    "meta_lr": "meta_lr", "strategy": "strategy", "n_way": "n_way", "k_shot": "shots",
+    "queries": "queries", "eval_shots": "eval_shots", "eval_queries": "eval_queries",
+    "test_steps": "test_steps", "eval_tasks": "eval_tasks", "clip_grad": "clip_grad",
+    "lr_schedule": "lr_schedule", "val_every": "val_every", "log_every": "log_every",
+    "checkpoint_every": "checkpoint_every", "hidden": "hidden", "image_size": "image_size",
+    "device": "device", "tensorboard": "tensorboard", "split": "split", "val_tasks": "val_tasks",
+}  # fmt: skip
+
+
+def default_omniglot_path() -> str | None:
+    """``../shared/data/omniglot`` beside the repository (or the working directory), if present."""
+    repo = Path(__file__).resolve().parents[3]
+    for base in (repo, Path.cwd()):
+        cand = base.parent / "shared" / "data" / "omniglot"
+        if cand.is_dir():
+            return str(cand)
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _fail(cmd: str, err: BaseException) -> int:
+    print(f"metagrad {cmd}: error: {_one_line(err)}", file=sys.stderr)
+    return 2
+
+
+def _pos_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [_nonneg_int(t) for t in text.split(",") if t.strip()]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected step counts like 0,1,5,10, got {text!r}"
+        ) from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        parts = [float(t) for t in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            f"expected three fractions TRAIN,VAL,TEST like 0.7,0.1,0.2, got {text!r}"
+        )
+    return parts
+
+
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """Preset, then ``--config`` file, then explicit flags; validated."""
+    file_values: dict[str, Any] = read_config_file(args.config) if args.config else {}
+    name = args.preset or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    if name is None and args.resume and args.output and not file_values:
+        # `train --resume --output DIR`: the run's own settings, then the flags.
+        stored = load_checkpoint(args.output).get("config", {})
+        file_values, name = stored, "sinusoid"
+    if name is None:
+        raise ConfigError(
+            f"name a preset or task (one of {sorted([*PRESETS, *ALIASES])}) or give a --config "
+            f'file with preset = "...".'
+        )
+    cfg = preset(name)
+    cfg = apply_overrides(cfg, file_values, f"config file {args.config!r}")
+    flags = {field: getattr(args, dest) for dest, field in TRAIN_FLAGS.items()}
+    cfg = apply_overrides(cfg, {k: v for k, v in flags.items() if v is not None}, "command line")
+    if cfg.task == "omniglot" and not cfg.data:
+        cfg = cfg.replace(data=default_omniglot_path())
+        if cfg.data is None:
+            raise ConfigError(
+                "no Omniglot data found: pass --data PATH (an Omniglot zip, a folder of zips, or "
+                "an extracted folder)."
+            )
+    if cfg.data:
+        cfg = cfg.replace(data=str(Path(cfg.data).expanduser().resolve()))
+    return validate(cfg)
+
+
+def _finish(
+    trainer: Trainer, out: Path | None, cmd: str, train_time: float | None, plots: bool = True
+) -> None:
+    t0 = time.perf_counter()
+    result = trainer.evaluate()
+    eval_time = time.perf_counter() - t0
+    paper = paper_reference(trainer.cfg, result)
+    cfg = trainer.cfg
+    title = f"{cfg.algorithm} on {cfg.task}, {trainer.iteration} meta-iterations"
+    if train_time is not None:
+        title += f" ({train_time:.0f} s training)"
+    print(title)
+    print(format_table(result, paper))
+    if paper is not None:
+        print("(paper: MAML, Finn et al. 2017)")
+    if out is None:
+        return
+    write_results(out / "results.json", cfg, result, iteration=trainer.iteration,
+                  train_time_s=train_time, eval_time_s=eval_time)  # fmt: skip
+    made = []
+    try:
+        made = make_plots(trainer, out) if plots else []
+    except ImportError as err:
+        print(f"metagrad {cmd}: note: plots skipped: {_one_line(err)}", file=sys.stderr)
+    print(f"wrote {out / 'results.json'}" + "".join(f", {p.name}" for p in made))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of ``metagrad train``."""
+    try:
+        cfg = build_config(args)
+        out = Path(args.output) if args.output else Path("runs") / f"{cfg.task}-{cfg.algorithm}"
+        trainer = Trainer(
+            cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+        )
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            print(
+                f"metagrad train: interrupted at iteration {trainer.iteration}; checkpoint saved in "
+                f"{out}. Continue with --resume --output {out}.",
+                file=sys.stderr,
+            )
+            return 130
+        _finish(trainer, out, "train", trainer.elapsed, plots=not args.no_plots)
+    except USER_ERRORS as err:
+        return _fail("train", err)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Handler of ``metagrad eval``."""
+    try:
+        overrides: dict[str, Any] = {}
+        for dest, field in (("data", "data"), ("tasks", "eval_tasks"), ("shots", "eval_shots"),
+                            ("queries", "eval_queries"), ("device", "device")):  # fmt: skip
+            if getattr(args, dest) is not None:
+                overrides[field] = getattr(args, dest)
+        if "data" in overrides:
+            overrides["data"] = str(Path(overrides["data"]).expanduser().resolve())
+        trainer = Trainer.from_checkpoint(args.checkpoint, overrides=overrides)
+        if args.algorithm is not None and args.algorithm != trainer.cfg.algorithm:
+            raise CheckpointError(
+                f"{args.checkpoint!r} was trained with algorithm {trainer.cfg.algorithm!r}, not "
+                f"{args.algorithm!r}."
+            )
+        if args.seed is not None:
+            trainer.samplers["test"] = make_sampler(
+                trainer.cfg, trainer.splits, "test", seed=derive_seed(args.seed, TEST_STREAM)
+            )
+        if args.test_steps is not None:
+            trainer.cfg = trainer.cfg.replace(test_steps=sorted(set(args.test_steps)))
+        out = None
+        if args.output:
+            from metagrad.training._trainer import prepare_output
+
+            out = prepare_output(args.output, resume=False)
+        _finish(trainer, out, "eval", None, plots=not args.no_plots)
+        if args.json:
+            print(json.dumps(trainer.evaluate().to_dict()))
+    except USER_ERRORS as err:
+        return _fail("eval", err)
+    return 0
+
+
+def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``metagrad train`` on ``subparsers``; sets ``handler``."""
+    names = sorted([*PRESETS, *ALIASES])
+    p = subparsers.add_parser(
+        "train",
+        help="meta-train a preset (sinusoid, omniglot, folder...) and evaluate it",
+        description=(
+            "Meta-train, evaluate on 600 test tasks, write checkpoint.pt, metrics.csv, "
+            "results.json and plots to --output. Settings: preset < --config file < flags."
+        ),
+    )
+    p.add_argument("preset", nargs="?", metavar="PRESET", help=f"one of {', '.join(names)}")
+    p.add_argument("--config", help="TOML or JSON file of settings (may name preset = ...)")
+    p.add_argument(
+        "--data",
+        help="dataset: Omniglot zip / folder of zips / extracted folder, or ROOT/<class>/*.png",
+    )
+    p.add_argument("--algorithm", choices=ALGORITHMS, help="meta-learning algorithm (default maml)")
+    p.add_argument("--iterations", type=_pos_int, help="meta-iterations")
+    p.add_argument("--seed", type=_nonneg_int, help="run seed (model init and task streams)")
+    p.add_argument("--output", help="run folder (default runs/<task>-<algorithm>)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --output")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in --output (else refused)"
+    )
+    p.add_argument("--meta-batch", type=_pos_int, help="tasks per meta-update")
+    p.add_argument("--inner-steps", type=_nonneg_int, help="inner steps during meta-training")
+    p.add_argument("--inner-lr", type=_float, help="inner learning rate alpha")
+    p.add_argument("--meta-lr", type=_float, help="Adam learning rate beta")
+    p.add_argument("--strategy", choices=STRATEGIES, help="meta-gradient strategy")
+    p.add_argument("--n-way", type=_pos_int, help="classes per task")
+    p.add_argument(
+        "--k-shot", type=_pos_int, help="support examples per class (per task for sinusoid)"
+    )
+    p.add_argument("--queries", type=_pos_int, help="query examples per class during training")
+    p.add_argument("--eval-shots", type=_pos_int, help="support examples at test time")
+    p.add_argument("--eval-queries", type=_pos_int, help="query examples at test time")
+    p.add_argument(
+        "--test-steps", type=_steps, help="inner step counts scored at test, e.g. 0,1,5,10"
+    )
+    p.add_argument("--eval-tasks", type=_pos_int, help="test tasks (default 600)")
+    p.add_argument("--clip-grad", type=_float, help="clip the meta-gradient norm")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"))
+    p.add_argument("--val-every", type=_pos_int, help="validate every N iterations")
+    p.add_argument("--val-tasks", type=_pos_int, help="validation tasks")
+    p.add_argument("--log-every", type=_pos_int)
+    p.add_argument("--checkpoint-every", type=_pos_int)
+    p.add_argument("--hidden", type=_pos_int, help="conv-4 filters")
+    p.add_argument("--image-size", type=_pos_int, help="resize images to N x N")
+    p.add_argument("--split", type=_fractions, help="class split fractions TRAIN,VAL,TEST")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument(
+        "--tensorboard", action="store_const", const=True, help="also log to TensorBoard"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(handler=run_train)
+    return p  # type: ignore[no-any-return]
+
+
+def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``metagrad eval`` on ``subparsers``; sets ``handler``."""
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a training checkpoint on test tasks",
+        description="Mean and 95%% CI over test tasks after each test step count.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
+    p.add_argument("--data", help="dataset location, if it moved since training")
+    p.add_argument("--tasks", type=_pos_int, help="test tasks (default: the run's, 600)")
+    p.add_argument("--test-steps", type=_steps, help="inner step counts, e.g. 0,1,5,10")
+    p.add_argument("--shots", type=_pos_int, help="support examples at test time")
+    p.add_argument("--queries", type=_pos_int, help="query examples at test time")
+    p.add_argument("--seed", type=_nonneg_int, help="seed of the test task stream")
+    p.add_argument("--algorithm", choices=ALGORITHMS, help="assert the checkpoint's algorithm")
+    p.add_argument("--device", help="torch device")
+    p.add_argument("--output", help="folder for results.json and plots")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=run_eval)
+    return p  # type: ignore[no-any-return]

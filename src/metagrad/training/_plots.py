@@ -1,0 +1,129 @@
+"""Pictures of a run: the MAML paper's Figure 2 for sinusoids, and learning curves.
+
+matplotlib is an optional dependency (``pip install metagrad[viz]``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metagrad.algorithms._base import Learner
+from metagrad.tasks import SinusoidTasks
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "metagrad plots need matplotlib: pip install metagrad[viz] (or pip install matplotlib)."
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sinusoid_fits(
+    learner: Learner,
+    tasks: SinusoidTasks,
+    path: str | os.PathLike[str],
+    *,
+    n_tasks: int = 3,
+    steps: Sequence[int] = (1, 10),
+) -> Path:
+    """MAML paper Figure 2: ground truth, the K support points, pre-update and adapted fits.
+
+    Args:
+        learner: a trained learner on the 1-D sinusoid regressor.
+        tasks: the sampler whose ``shots`` support points are shown (its generator advances).
+        path: PNG file to write.
+        n_tasks: one panel per task.
+        steps: inner step counts drawn besides the pre-update (0 steps) prediction.
+    """
+    plt = _pyplot()
+    amp, phase = tasks.sample_functions(n_tasks)
+    xs, ys, _, _ = tasks.batch_for(amp, phase)
+    p0 = next(iter(learner.parameters()))
+    grid = torch.linspace(-5, 5, 200, dtype=p0.dtype, device=p0.device).unsqueeze(1)
+    fig, axes = plt.subplots(1, n_tasks, figsize=(4.2 * n_tasks, 3.4), squeeze=False)
+    colors = ["#d62728", "#2ca02c", "#9467bd", "#8c564b"]
+    for i, ax in enumerate(axes[0]):
+        x, y = xs[i].to(p0), ys[i].to(p0)
+        truth = SinusoidTasks.function(float(amp[i]), float(phase[i]), grid.cpu())
+        ax.plot(grid.cpu(), truth, color="#1f77b4", lw=2, label="ground truth")
+        with torch.no_grad():
+            pre = learner.predict(learner.adapt(x, y, steps=0), grid)
+        ax.plot(grid.cpu(), pre.cpu(), ":", color="#7f7f7f", lw=1.8, label="pre-update")
+        for c, s in zip(colors, steps):
+            params = learner.adapt(x, y, steps=s)
+            with torch.no_grad():
+                out = learner.predict(params, grid)
+            ax.plot(grid.cpu(), out.cpu(), "--", color=c, lw=1.6,
+                    label=f"{s} grad step" + ("s" if s != 1 else ""))  # fmt: skip
+        ax.scatter(x.cpu(), y.cpu(), marker="^", color="k", zorder=5, label=f"{x.shape[0]} points")
+        ax.set_title(f"A={float(amp[i]):.2f}, phase={float(phase[i]):.2f}")
+        ax.set_xlim(-5, 5)
+        ax.set_xlabel("x")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{type(learner).__name__}, K={xs.shape[1]}")
+    fig.tight_layout()
+    out_path = Path(path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def read_metrics(path: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
+    """``metrics.csv`` as column -> [(iteration, value)] for the non-empty cells."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            it = int(row["iteration"])
+            for k, v in row.items():
+                if k != "iteration" and v not in ("", None):
+                    out.setdefault(k, []).append((it, float(v)))
+    return out
+
+
+def plot_learning_curves(
+    metrics: str | os.PathLike[str], path: str | os.PathLike[str], *, log_scale: bool = True
+) -> Path:
+    """Training meta-loss and validation metrics against iterations, from ``metrics.csv``."""
+    plt = _pyplot()
+    cols = read_metrics(metrics)
+    has_acc = bool(cols.get("val_accuracy"))
+    fig, axes = plt.subplots(
+        1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 3.8), squeeze=False
+    )
+    ax = axes[0][0]
+    for key, label in (
+        ("train_loss", "train meta-loss"),
+        ("val_loss", "validation loss (after the test steps)"),
+    ):
+        if cols.get(key):
+            it, v = zip(*cols[key])
+            ax.plot(it, v, label=label, marker="o" if key == "val_loss" else None, ms=3)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("query loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if has_acc:
+        it, v = zip(*cols["val_accuracy"])
+        axes[0][1].plot(it, [100 * a for a in v], marker="o", ms=3, color="#2ca02c")
+        axes[0][1].set_xlabel("meta-iteration")
+        axes[0][1].set_ylabel("validation accuracy (%)")
+        axes[0][1].grid(alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,69 @@
+"""What a finished run leaves behind: ``results.json``, plots, the table beside the paper."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import metagrad
+from metagrad.tasks import SinusoidTasks, derive_seed
+from metagrad.training._config import PAPER, TrainConfig
+from metagrad.training._evaluate import EvalResult
+
+
+def paper_reference(cfg: TrainConfig, result: EvalResult | None = None) -> dict[str, Any] | None:
+    """The MAML paper's numbers for the same setting, or None."""
+    shots = result.shots if result is not None else (cfg.eval_shots or cfg.shots)
+    if cfg.task == "sinusoid" and shots == PAPER["sinusoid"]["shots"]:
+        return PAPER["sinusoid"]
+    if cfg.task == "omniglot" and shots == 1 and cfg.n_way in (5, 20):
+        return PAPER[f"omniglot-{cfg.n_way}w1s"]
+    return None
+
+
+def write_results(
+    path: str | os.PathLike[str],
+    cfg: TrainConfig,
+    result: EvalResult,
+    *,
+    iteration: int,
+    train_time_s: float | None,
+    eval_time_s: float,
+) -> Path:
+    """``results.json``: settings, the final evaluation table, timings and the paper's numbers."""
+    out = {
+        "metagrad_version": metagrad.__version__,
+        "algorithm": cfg.algorithm,
+        "task": cfg.task,
+        "iterations": iteration,
+        "train_time_s": train_time_s,
+        "eval_time_s": eval_time_s,
+        "test": result.to_dict(),
+        "paper": paper_reference(cfg, result),
+        "config": cfg.to_dict(),
+    }
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def make_plots(trainer: Any, folder: Path) -> list[Path]:
+    """Learning curves and (sinusoid) the Figure 2 fits; raises ImportError without matplotlib."""
+    from metagrad.training._plots import plot_learning_curves, plot_sinusoid_fits
+
+    made = []
+    if (folder / "metrics.csv").exists():
+        log = trainer.cfg.task == "sinusoid"
+        curves = plot_learning_curves(
+            folder / "metrics.csv", folder / "learning_curves.png", log_scale=log
+        )
+        made.append(curves)
+    if trainer.cfg.task == "sinusoid":
+        shots = trainer.cfg.eval_shots or trainer.cfg.shots
+        tasks = SinusoidTasks(shots, seed=derive_seed(trainer.cfg.seed, 4))
+        made.append(plot_sinusoid_fits(trainer.learner, tasks, folder / "sinusoid_fits.png"))
+    return made

@@ -1,0 +1,401 @@
+"""The meta-training loop: Adam on the meta-gradient, validation, logs, exact resume.
+
+A run interrupted at iteration ``n`` and resumed from its checkpoint ends with bitwise the same
+parameters as an uninterrupted run: the checkpoint holds the learner, the meta-optimizer, the
+scheduler, every RNG (global ones and the samplers' own generators) and the iteration.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import metagrad
+from metagrad.training._build import (
+    image_shape,
+    load_splits,
+    make_learner,
+    make_model,
+    make_samplers,
+)
+from metagrad.training._checkpoint import (
+    CHECKPOINT,
+    PREVIOUS,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from metagrad.training._config import ConfigError, TrainConfig, validate
+from metagrad.training._evaluate import EvalResult, evaluate
+
+METRICS = "metrics.csv"
+COLUMNS = ["iteration", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_loss_ci95",
+           "val_accuracy", "val_accuracy_ci95"]  # fmt: skip
+# Settings that define the model / learner: a checkpoint only resumes under the same values.
+STRUCTURAL = ("task", "algorithm", "n_way", "hidden", "image_size", "rotations", "inner_steps",
+              "test_steps", "first_order_steps", "split", "split_seed", "seed", "data")  # fmt: skip
+
+
+def prepare_output(
+    output: str | os.PathLike[str], *, resume: bool, overwrite: bool = False
+) -> Path:
+    """Create and probe the output folder before any long work; refuse to clobber a run.
+
+    ``overwrite=True`` (CLI ``--overwrite``) deletes an earlier run's checkpoints and log first.
+    """
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"output directory {str(out)!r} is not writable ({err.strerror or err}). Fix: choose "
+            f"another --output."
+        ) from None
+    has_ckpt = (out / CHECKPOINT).exists() or (out / PREVIOUS).exists()
+    if has_ckpt and overwrite and not resume:
+        for name in (CHECKPOINT, PREVIOUS, METRICS):
+            (out / name).unlink(missing_ok=True)
+        has_ckpt = False
+    if has_ckpt and not resume:
+        raise ConfigError(
+            f"{str(out)!r} already holds a training checkpoint; nothing was overwritten. Fix: pass "
+            f"--resume to continue that run, --overwrite to replace it, or choose another --output."
+        )
+    if resume and not has_ckpt:
+        raise CheckpointError(
+            f"--resume: no {CHECKPOINT} in {str(out)!r}; start without --resume or point "
+            f"--output at the run to continue."
+        )
+    return out
+
+
+def _check_tensorboard() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "tensorboard logging needs the tensorboard package: pip install metagrad[tensorboard] "
+            "(or pip install tensorboard), or drop --tensorboard."
+        ) from None
+    return SummaryWriter
+
+
+class _Progress:
+    """tqdm when installed, else one status line on stderr (rate-limited)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.start, self.enabled = total, start, enabled
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+        self.bar: Any = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=start, desc="meta-train", dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, it: int, loss: float, lr: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self.last < 2.0 and it < self.total:
+            return
+        self.last = now
+        rate = (it - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - it) / rate if rate > 0 else math.inf
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+        end = "\r" if sys.stderr.isatty() else "\n"
+        sys.stderr.write(
+            f"meta-train {it}/{self.total}  loss {loss:.4f}  lr {lr:.1e}  {rate:.1f} it/s  ETA {eta_s}{end}"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled and sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+class Trainer:
+    """Meta-trains the learner of a :class:`TrainConfig`, writing logs and checkpoints.
+
+    Args:
+        cfg: the run (validated here).
+        output: folder for ``checkpoint.pt``, ``metrics.csv`` (and TensorBoard logs); None keeps
+            everything in memory (no checkpoints).
+        resume: continue the checkpoint in ``output`` (its settings must match ``cfg`` except
+            bookkeeping ones such as ``iterations`` and logging intervals).
+        overwrite: replace an earlier run's checkpoints and log in ``output``.
+        progress: show a progress bar.
+
+    Raises:
+        ConfigError, DatasetError, CheckpointError: bad settings, data or checkpoint; raised
+            before any training step, and nothing on disk is overwritten.
+
+    Example:
+        >>> from metagrad.training import Trainer, preset
+        >>> t = Trainer(preset("sinusoid").replace(iterations=2, meta_batch=2), progress=False)
+        >>> t.train()
+        2
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        output: str | os.PathLike[str] | None = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        cfg = validate(cfg)
+        self.output = (
+            None if output is None else prepare_output(output, resume=resume, overwrite=overwrite)
+        )
+        ckpt = load_checkpoint(self.output) if resume and self.output is not None else None
+        if ckpt is not None:
+            cfg = self._merge_resume_config(cfg, ckpt)
+        self.writer_cls = _check_tensorboard() if cfg.tensorboard and self.output else None
+        self.cfg = cfg
+        self.progress_enabled = progress
+        self.splits = load_splits(cfg)
+        self.samplers = make_samplers(cfg, self.splits)
+        self.model = make_model(cfg, image_shape(self.splits))
+        self.learner = make_learner(cfg, self.model)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.meta_lr)
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler
+        if cfg.lr_schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=cfg.iterations, eta_min=cfg.min_lr
+            )
+        else:
+            self.scheduler = torch.optim.lr_scheduler.ConstantLR(
+                self.optimizer, factor=1.0, total_iters=0
+            )
+        self.iteration = 0
+        self.elapsed = 0.0
+        self.last_val: EvalResult | None = None
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    @staticmethod
+    def _merge_resume_config(cfg: TrainConfig, ckpt: dict[str, Any]) -> TrainConfig:
+        stored = ckpt.get("config", {})
+        if ckpt.get("algorithm") != cfg.algorithm:
+            raise CheckpointError(
+                f"the checkpoint was written by algorithm {ckpt.get('algorithm')!r} but this run "
+                f"uses {cfg.algorithm!r}. Fix: pass --algorithm {ckpt.get('algorithm')} to resume "
+                f"it, or use another --output for a new run."
+            )
+        diff = [k for k in STRUCTURAL if k in stored and stored[k] != getattr(cfg, k)]
+        if diff:
+            shown = ", ".join(
+                f"{k}: checkpoint {stored[k]!r} vs now {getattr(cfg, k)!r}" for k in diff
+            )
+            raise CheckpointError(
+                f"the checkpoint is from another model/run ({shown}). Fix: resume with the "
+                f"original settings, or use another --output for a new run."
+            )
+        return cfg
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "metagrad_version": metagrad.__version__,
+            "algorithm": self.cfg.algorithm,
+            "config": self.cfg.to_dict(),
+            "iteration": self.iteration,
+            "elapsed_s": self.elapsed,
+            "learner": self.learner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "samplers": {k: s.state_dict() for k, s in self.samplers.items()},
+        }
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        try:
+            self.learner.load_state_dict(ckpt["learner"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                self.scheduler.T_max = self.cfg.iterations  # a resumed run may be extended
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"the checkpoint does not fit this model/algorithm ({first}). Fix: resume with "
+                f"the settings it was trained with."
+            ) from None
+        set_rng_state(ckpt["rng"])
+        for k, s in self.samplers.items():
+            s.load_state_dict(ckpt["samplers"][k])
+        self.iteration = int(ckpt["iteration"])
+        self.elapsed = float(ckpt.get("elapsed_s", 0.0))
+        self._truncate_metrics()
+
+    def save(self) -> Path | None:
+        """Write the checkpoint now (no-op without an output folder)."""
+        if self.output is None:
+            return None
+        return save_checkpoint(self.state_dict(), self.output)
+
+    # -- logging -----------------------------------------------------------------------------
+    def _truncate_metrics(self) -> None:
+        """Drop rows logged after the checkpoint (an interrupted run's tail) before appending."""
+        if self.output is None or not (self.output / METRICS).exists():
+            return
+        with open(self.output / METRICS, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= self.iteration]
+        with open(self.output / METRICS, "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def _log(self, row: dict[str, Any], writer: Any) -> None:
+        if self.output is None:
+            return
+        path = self.output / METRICS
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        if writer is not None:
+            for k, v in row.items():
+                if k != "iteration" and v not in (None, ""):
+                    writer.add_scalar(k, float(v), int(row["iteration"]))
+
+    # -- the loop ------------------------------------------------------------------------------
+    @property
+    def classification(self) -> bool:
+        return self.cfg.task != "sinusoid"
+
+    def step(self) -> tuple[float, float]:
+        """One meta-update; returns (meta-loss, meta-gradient norm before clipping)."""
+        batch = self.samplers["train"].sample(self.cfg.meta_batch).to(self.cfg.device)
+        self.learner.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.learner.meta_loss(*batch)
+        loss.backward()
+        params = [p for p in self.learner.parameters() if p.grad is not None]
+        clip = self.cfg.clip_grad if self.cfg.clip_grad is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.iteration += 1
+        return float(loss.detach()), float(norm)
+
+    def validate(self, tasks: int | None = None) -> EvalResult:
+        """Query metrics on validation tasks after the final test step count."""
+        return evaluate(
+            self.learner,
+            self.samplers["val"],
+            tasks=tasks or self.cfg.val_tasks,
+            steps=[self.cfg.eval_steps],
+            classification=self.classification,
+            device=self.cfg.device,
+        )
+
+    def train(self, until: int | None = None) -> int:
+        """Meta-train up to ``cfg.iterations`` (or ``until``, to stop early); return the iteration.
+
+        A ``KeyboardInterrupt`` saves a checkpoint at the last finished iteration, then re-raises.
+        """
+        cfg = self.cfg
+        stop = cfg.iterations if until is None else min(until, cfg.iterations)
+        writer = None
+        if self.writer_cls is not None and self.output is not None:
+            writer = self.writer_cls(str(self.output / "tensorboard"))
+        bar = _Progress(cfg.iterations, self.iteration, self.progress_enabled)
+        window: list[float] = []
+        norms: list[float] = []
+        t_start, elapsed0 = time.perf_counter(), self.elapsed
+        try:
+            while self.iteration < stop:
+                loss, norm = self.step()
+                self.elapsed = elapsed0 + time.perf_counter() - t_start
+                window.append(loss)
+                norms.append(norm)
+                lr = self.optimizer.param_groups[0]["lr"]
+                bar.update(self.iteration, loss, lr)
+                it = self.iteration
+                row: dict[str, Any] = {}
+                if it % cfg.log_every == 0 or it == cfg.iterations:
+                    row = {"iteration": it, "train_loss": sum(window) / len(window), "lr": lr,
+                           "grad_norm": sum(norms) / len(norms), "elapsed_s": round(self.elapsed, 3)}  # fmt: skip
+                    window, norms = [], []
+                if it % cfg.val_every == 0 or it == cfg.iterations:
+                    val = self.validate()
+                    self.last_val = val
+                    r = val.rows[-1]
+                    row = {**row, "iteration": it, "val_loss": r.loss, "val_loss_ci95": r.loss_ci95,
+                           "val_accuracy": r.accuracy, "val_accuracy_ci95": r.accuracy_ci95}  # fmt: skip
+                if row:
+                    self._log(row, writer)
+                if it % cfg.checkpoint_every == 0 and it < stop:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            raise
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        self.save()
+        return self.iteration
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], *, overrides: dict[str, Any] | None = None
+    ) -> Trainer:
+        """Rebuild a trained run from its checkpoint (file or run folder) for evaluation.
+
+        ``overrides`` may change data location and evaluation settings (``data``, ``eval_tasks``,
+        ``eval_shots``, ``eval_queries``, ``device``...), not the model.
+        """
+        ckpt = load_checkpoint(path)
+        stored = dict(ckpt.get("config", {}))
+        try:
+            cfg = TrainConfig(**stored)
+        except TypeError as err:
+            raise CheckpointError(
+                f"{str(path)!r} holds a config this metagrad version does not know ({err})."
+            ) from None
+        for k, v in (overrides or {}).items():
+            if k in STRUCTURAL and k != "data" and v != getattr(cfg, k):
+                raise CheckpointError(f"{k} is fixed by the checkpoint ({getattr(cfg, k)!r}).")
+            cfg = cfg.replace(**{k: v})
+        trainer = cls(cfg, None, progress=False)
+        trainer._restore(ckpt)
+        return trainer
+
+    def evaluate(self, tasks: int | None = None, steps: list[int] | None = None) -> EvalResult:
+        """The final test: ``cfg.eval_tasks`` test tasks after each of ``cfg.test_steps``."""
+        return evaluate(
+            self.learner,
+            self.samplers["test"],
+            tasks=tasks or self.cfg.eval_tasks,
+            steps=steps or self.cfg.test_steps,
+            classification=self.classification,
+            device=self.cfg.device,
+        )
