@@ -78,7 +78,11 @@ class MAML(Learner):
             batch statistics of each training call, read at step ``k`` in eval mode.
         bn: BatchNorm policy, ``"transductive"`` (default, batch statistics everywhere, as the MAML
             reference) or ``"running"`` (module mode decides; running stats read, never written).
-        strategy: ``"auto"`` (default), ``"loop"`` or ``"vmap"``; see ``metagrad.functional``.
+        strategy: ``"auto"`` (default), ``"loop"``, ``"vmap"``, ``"hvp_chain"`` or
+            ``"checkpoint"``; see ``metagrad.functional``.
+        compile: ``torch.compile`` the vmapped meta-gradient (vmap strategy only; True = inductor,
+            or a backend name). Compiles once per inner-loop configuration and batch shape (~45 s
+            for the sinusoid MLP on 1 CPU thread), then runs ~9x faster than eager: for long runs.
         allow_unused: adapted parameters that do not reach the support loss are left unchanged
             instead of raising.
         check_finite: raise :class:`metagrad.NonFiniteError` naming the task and step on NaN/Inf.
@@ -115,6 +119,7 @@ class MAML(Learner):
         per_step_bn: bool = False,
         bn: str = "transductive",
         strategy: str = "auto",
+        compile: bool | str = False,
         allow_unused: bool = False,
         check_finite: bool = True,
     ) -> None:
@@ -141,6 +146,17 @@ class MAML(Learner):
         self.msl_anneal_steps = check_steps(fn, "msl_anneal_steps", msl_anneal_steps)
         self.first_order_steps = check_steps(fn, "first_order_steps", first_order_steps)
         self.strategy = strategy
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(
+                f"{fn}: compile={compile!r} must be True/False or a torch.compile backend name."
+            )
+        self.use_compile = compile
+        if compile and resolve_strategy(strategy, self.fmodel, fn, order) != "vmap":
+            raise ValueError(
+                f"{fn}: compile=True needs the vmap strategy, but this model runs with the per-task "
+                f"loop (norm layers, RNNs or custom layers, or strategy={strategy!r}). Use "
+                f"compile=False: torch.compile measured no speed-up on the loop of a conv+BN net."
+            )
         resolve_strategy(strategy, self.fmodel, fn, order)
         self.allow_unused = bool(allow_unused)
         self.check_finite = bool(check_finite)
@@ -293,6 +309,7 @@ class MAML(Learner):
                 tasks,
                 strategy=self.strategy,
                 need_grad=need_grad,
+                compile=self.use_compile,
             )
             records = self.fmodel.recording
         finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +93,16 @@ class FunctionalModel:
     recording: list[tuple[str, int, Tensor, Tensor]] | None = None
     record_step: int | None = None
     _hooked: bool = False
+    # Caches for the vmap strategy: compiled meta-gradient functions, and the (adapted names,
+    # allow_unused) pairs whose "every adapted parameter reaches the support loss" probe passed.
+    compiled: dict[Any, Any] = field(default_factory=dict)
+    reach_checked: set[Any] = field(default_factory=set)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Compiled functions do not copy or pickle; a copy recompiles on first use.
+        state = dict(self.__dict__)
+        state["compiled"], state["reach_checked"] = {}, set()
+        return state
 
     @classmethod
     def from_module(
