@@ -340,6 +340,14 @@ class MAML(Learner):
         res = self.meta_result(xs, ys, xq, yq, need_grad=need_grad)
         if not need_grad:
             return res.loss
+        return self.attach(res)
+
+    def attach(self, res: MetaResult) -> Tensor:
+        """``res.loss`` as a tensor whose ``backward()`` delivers ``res.grads`` (counts a meta-step).
+
+        The hook for code that transforms the meta-gradient before delivery (e.g. the
+        all-reduce of ``metagrad.distributed``).
+        """
         if self.training:
             self.meta_step += 1
         leaves = {

@@ -1,0 +1,19 @@
+"""Distributed meta-training on ``torch.distributed`` (``torchrun``)."""
+
+from __future__ import annotations
+
+from metagrad.distributed._dist import (
+    check_same_config,
+    distributed_meta_loss,
+    init_from_env,
+    is_distributed,
+    shard_bounds,
+)
+
+__all__ = [
+    "check_same_config",
+    "distributed_meta_loss",
+    "init_from_env",
+    "is_distributed",
+    "shard_bounds",
+]
