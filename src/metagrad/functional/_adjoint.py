@@ -125,10 +125,9 @@ def task_adjoint(
             segment.clear()  # keep one segment at a time: O(K / every + every) copies
             base = (k // stride) * stride
             t_, s_ = stored[base]
-            for j in range(base, min(base + stride, K)):
-                if j > base:
-                    segment[j] = (t_, s_)
-                t_, s_ = advance(t_, s_, j, fwd)
+            for j in range(base + 1, min(base + stride, K)):
+                t_, s_ = advance(t_, s_, j - 1, fwd)
+                segment[j] = (t_, s_)
         return segment[k]
 
     def weight(k: int) -> float:
