@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -20,7 +19,14 @@ from typing import Any
 import torch
 
 import metagrad
+from metagrad._argtypes import finite_float as _finite_float
+from metagrad._argtypes import int_at_least
+from metagrad._argtypes import nonneg_float as _nonneg_float
+from metagrad._argtypes import shape as _int_list
+from metagrad._argtypes import xy_pair as _xy_pair
 from metagrad.toy import ToyResult, linear_toy
+
+_positive_int = int_at_least(1)
 
 __all__ = ["build_parser", "main"]
 
@@ -28,42 +34,6 @@ __all__ = ["build_parser", "main"]
 # before 3.13 takes such a value for an option and fails, so main() glues it as "--flag=value".
 _NEGATIVE_VALUE = re.compile(r"^-\.?\d")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _finite_float(text: str) -> float:
-    """argparse type: a finite float."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _xy_pair(text: str) -> tuple[float, float]:
-    """argparse type: one example written ``X,Y``."""
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(
-            f"expected one example as X,Y (two numbers separated by a comma, e.g. 1,0), "
-            f"got {text!r}"
-        )
-    try:
-        x, y = (_finite_float(p.strip()) for p in parts)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected one example as X,Y with finite numbers X and Y (e.g. 1,0), got {text!r}"
-        ) from None
-    return x, y
 
 
 def _glue_negative_values(argv: Sequence[str]) -> list[str]:
@@ -219,27 +189,6 @@ def _add_explain(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 # --------------------------------------------------------------------------------- check
-
-
-def _int_list(text: str) -> list[int]:
-    """argparse type: comma-separated positive ints such as ``3,32,32``."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,28,28, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,28,28, got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _run_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -118,7 +118,7 @@ def test_cli_check_custom_factory(capsys: pytest.CaptureFixture[str]) -> None:
         (["check", "--model", "no_such_module_xyz:f"], "cannot import"),
         (["check", "--model", "metagrad.models:nothing", "--input-shape", "1"], "no callable"),
         (["check", "--model", "metagrad.models:sinusoid_mlp"], "--input-shape is required"),
-        (["check", "--input-shape", "1,x"], "expected integers"),
+        (["check", "--input-shape", "1,x"], "positive integers"),
     ],
 )
 def test_cli_check_bad_input(

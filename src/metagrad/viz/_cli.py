@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metagrad._argtypes import finite_float, int_at_least, nonneg_float, shape, xy_pair
 from metagrad.algorithms import ANIL, MAML, MAMLpp, MetaSGD
 from metagrad.viz._dot import FORMATS, GraphvizNotFoundError, render, to_dot
 from metagrad.viz._graph import MetaGraph, meta_graph
@@ -34,57 +34,7 @@ Red nodes and edges exist only with create_graph=True (second order): the
 gradient-of-gradient paths that first-order MAML drops."""
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _nonneg(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _xy(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        if len(parts) != 2:
-            raise argparse.ArgumentTypeError("")
-        x, y = (_finite(p.strip()) for p in parts)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected one example as X,Y with two finite numbers (e.g. 1,0), got {text!r}"
-        ) from None
-    return x, y
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(p) for p in text.split(","))
-    except ValueError:
-        dims = ()
-    if not dims or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(
-            f"expected the per-example input shape as positive integers, e.g. 1 or 3,32,32; "
-            f"got {text!r}"
-        )
-    return dims
+_count = int_at_least(0)
 
 
 def add_graph_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -123,11 +73,11 @@ def add_graph_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
         help="summarize graphs above this many nodes by module and phase; 0 draws all (60)",
     )
     toy = p.add_argument_group("toy (same flags as `metagrad explain`)")
-    toy.add_argument("--w0", type=_finite, default=-0.5258)
-    toy.add_argument("--b0", type=_finite, default=0.0)
-    toy.add_argument("--support", type=_xy, default=(1.0, 0.0), metavar="X,Y")
-    toy.add_argument("--query", type=_xy, default=(2.0, 0.0), metavar="X,Y")
-    toy.add_argument("--inner-lr", type=_nonneg, default=None, help="toy 1.0, models 0.1")
+    toy.add_argument("--w0", type=finite_float, default=-0.5258)
+    toy.add_argument("--b0", type=finite_float, default=0.0)
+    toy.add_argument("--support", type=xy_pair, default=(1.0, 0.0), metavar="X,Y")
+    toy.add_argument("--query", type=xy_pair, default=(2.0, 0.0), metavar="X,Y")
+    toy.add_argument("--inner-lr", type=nonneg_float, default=None, help="toy 1.0, models 0.1")
     model = p.add_argument_group("models")
     model.add_argument("--algorithm", choices=_ALGORITHMS, default="maml")
     model.add_argument("--steps", type=_count, default=1, help="inner steps (1)")
@@ -136,7 +86,7 @@ def add_graph_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     model.add_argument("--ways", type=_count, default=5, help="conv4 classes (5)")
     model.add_argument("--image-size", type=_count, default=28, help="conv4 input side (28)")
     model.add_argument("--channels", type=_count, default=1, help="conv4 input channels (1)")
-    model.add_argument("--input-shape", type=_shape, default=(1,), metavar="D1,D2,...")
+    model.add_argument("--input-shape", type=shape, default=(1,), metavar="D1,D2,...")
     model.add_argument("--loss", choices=("mse", "ce"), default="mse", help="for module:fn")
     model.add_argument("--seed", type=int, default=0)
     handler = functools.partial(run_graph, parser=p)
