@@ -9,8 +9,10 @@ install:
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q -e ".[test]"
 
+# The main job: the MAML paper's sinusoid preset (70,000 meta-iterations, compiled: ~8 min on
+# 2 cores), evaluated on 600 tasks next to the paper's Table 2, with the two PNGs in runs/.
 run: install
-	$(PYTHON) -m metagrad explain --w0 -0.5258 --order both
+	$(PYTHON) -m metagrad train sinusoid --algorithm maml --compile --output runs/sinusoid-maml --overwrite
 
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks

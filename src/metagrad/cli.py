@@ -251,7 +251,19 @@ def _add_graph(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_graph_parser(subparsers)
 
 
-_REGISTRARS: tuple[_Registrar, ...] = (_add_explain, _add_check, _add_graph)
+def _add_train(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from metagrad.training._cli import add_train_parser
+
+    add_train_parser(subparsers)
+
+
+def _add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from metagrad.training._cli import add_eval_parser
+
+    add_eval_parser(subparsers)
+
+
+_REGISTRARS: tuple[_Registrar, ...] = (_add_train, _add_eval, _add_explain, _add_check, _add_graph)
 
 
 def build_parser() -> argparse.ArgumentParser:

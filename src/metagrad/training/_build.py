@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metagrad.algorithms import ANIL, MAML, MAMLpp, MetaSGD, Reptile
+from metagrad.algorithms import ANIL, IMAML, MAML, MAMLpp, MetaSGD, Reptile
 from metagrad.models import conv4, sinusoid_mlp
 from metagrad.tasks import (
     DatasetError,
@@ -138,13 +138,20 @@ def head_name(model: nn.Module) -> str:
     return names[-1]
 
 
-def make_learner(cfg: TrainConfig, model: nn.Module) -> MAML | Reptile:
+def make_learner(cfg: TrainConfig, model: nn.Module) -> MAML | Reptile | IMAML:
     """The learner named by ``cfg.algorithm`` around ``model``."""
     loss = F.mse_loss if cfg.task == "sinusoid" else F.cross_entropy
     a = cfg.algorithm
     if a == "reptile":
         return Reptile(model, loss, cfg.inner_lr, cfg.inner_steps, eval_steps=cfg.eval_steps)
-    kwargs: dict[str, Any] = {"eval_steps": cfg.eval_steps, "strategy": cfg.strategy}
+    if a == "imaml":
+        return IMAML(
+            model, loss, cfg.inner_lr, cfg.inner_steps, lam=cfg.imaml_lam,
+            cg_steps=cfg.cg_steps, eval_steps=cfg.eval_steps,
+        )  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "eval_steps": cfg.eval_steps, "strategy": cfg.strategy, "compile": cfg.compile,
+    }  # fmt: skip
     if cfg.first_order_steps is not None:
         kwargs["first_order_steps"] = cfg.first_order_steps
     args = (model, loss)

@@ -44,6 +44,7 @@ TRAIN_FLAGS = {
     "lr_schedule": "lr_schedule", "val_every": "val_every", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "hidden": "hidden", "image_size": "image_size",
     "device": "device", "tensorboard": "tensorboard", "split": "split", "val_tasks": "val_tasks",
+    "compile": "compile", "imaml_lam": "imaml_lam", "cg_steps": "cg_steps",
 }  # fmt: skip
 
 
@@ -283,6 +284,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--tensorboard", action="store_const", const=True, help="also log to TensorBoard"
     )
+    p.add_argument(
+        "--compile", action="store_const", const=True,
+        help="torch.compile the vmapped meta-gradient (MLPs; ~40 s once, then ~5x faster)",
+    )  # fmt: skip
+    p.add_argument("--imaml-lam", type=float, help="iMAML proximal strength lambda")
+    p.add_argument("--cg-steps", type=int, help="iMAML conjugate-gradient steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(handler=run_train)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 TASKS = ("sinusoid", "omniglot", "folder")
-ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp")
-STRATEGIES = ("auto", "loop", "vmap", "hvp_chain")
+ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "imaml")
+STRATEGIES = ("auto", "loop", "vmap", "hvp_chain", "checkpoint")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -50,7 +50,10 @@ class TrainConfig:
     inner_steps: int = 1
     test_steps: list[int] = field(default_factory=lambda: [0, 1, 5, 10])
     strategy: str = "auto"
+    compile: bool = False
     first_order_steps: int | None = None
+    imaml_lam: float = 1.0
+    cg_steps: int = 5
     # outer loop
     meta_lr: float = 1e-3
     meta_batch: int = 25
@@ -216,6 +219,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field; raise :class:`ConfigError` naming the field and the fix."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is not known; choose one of {list(TASKS)}.")
+    if cfg.compile and cfg.algorithm in ("reptile", "imaml"):
+        raise ConfigError(
+            f"compile=True applies to the MAML family; algorithm={cfg.algorithm!r} runs its own "
+            f"loop. Drop --compile."
+        )
+    if not (cfg.imaml_lam > 0 and cfg.cg_steps >= 1):
+        raise ConfigError(
+            f"imaml_lam={cfg.imaml_lam} must be > 0 and cg_steps={cfg.cg_steps} >= 1 (iMAML)."
+        )
     if cfg.algorithm not in ALGORITHMS:
         raise ConfigError(
             f"algorithm={cfg.algorithm!r} is not known; choose one of {list(ALGORITHMS)}."

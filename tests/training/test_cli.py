@@ -1,0 +1,145 @@
+"""``metagrad train`` / ``metagrad eval`` through a parser built with the registrars."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from metagrad.training._cli import add_eval_parser, add_train_parser
+
+TINY = ["--iterations", "4", "--meta-batch", "2", "--eval-tasks", "3", "--val-every", "2",
+        "--log-every", "1", "--test-steps", "0,1,2", "--no-progress", "--no-plots"]  # fmt: skip
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="metagrad")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], cmd: str, match: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"metagrad {cmd}: error: ")
+    assert match in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert run(["train", "sinusoid", "--output", str(out), "--algorithm", "fomaml", *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "fomaml on sinusoid, 4 meta-iterations" in text and "3 tasks, 5-shot" in text
+    res = json.loads((out / "results.json").read_text())
+    assert res["algorithm"] == "fomaml" and res["iterations"] == 4
+    assert [r["steps"] for r in res["test"]["rows"]] == [0, 1, 2]
+    assert res["paper"]["values"]["1"] == 0.67
+    assert (out / "metrics.csv").exists() and (out / "checkpoint.pt").exists()
+    # resume with more iterations continues the same run
+    assert run(["train", "--output", str(out), "--resume", *TINY[2:], "--iterations", "5"]) == 0
+    assert json.loads((out / "results.json").read_text())["iterations"] == 5
+    capsys.readouterr()
+    assert run(["eval", str(out / "checkpoint.pt"), "--tasks", "4", "--test-steps", "0,3"]) == 0
+    assert "4 tasks, 5-shot" in capsys.readouterr().out
+    assert run(["eval", str(out), "--algorithm", "maml"]) == 2
+    _one_line_error(capsys, "eval", "trained with algorithm 'fomaml', not 'maml'")
+
+
+def test_config_file_and_flag_precedence(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('preset = "sinusoid"\nalgorithm = "anil"\nmeta_batch = 3\ninner_lr = 0.02\n')
+    out = tmp_path / "run"
+    assert run(["train", "--config", str(cfg), "--output", str(out), "--inner-lr", "0.03",
+                "--iterations", "2", "--eval-tasks", "2", "--no-progress"]) == 0  # fmt: skip
+    c = json.loads((out / "results.json").read_text())["config"]
+    assert (c["algorithm"], c["meta_batch"], c["inner_lr"]) == ("anil", 3, 0.03)
+
+
+def test_train_omniglot_and_folder(
+    tmp_path: Path, omniglot_zips: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small = ["--hidden", "4", "--image-size", "16", "--n-way", "3", "--queries", "1",
+             "--eval-queries", "1", *TINY]  # fmt: skip
+    assert run(["train", "omniglot", "--data", str(omniglot_zips), "--output",
+                str(tmp_path / "o"), *small]) == 0  # fmt: skip
+    assert "query accuracy" in capsys.readouterr().out
+    assert run(["train", "folder", "--data", str(image_folder), "--output", str(tmp_path / "f"),
+                "--algorithm", "reptile", "--split", "0.5,0.25,0.25", *small, "--n-way", "2"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["train", "sinusoidal"], "unknown preset 'sinusoidal'"),
+        (["train", "omniglot", "--data", "/nonexistent/omni.zip"], "does not exist"),
+        (["train", "folder"], "needs a data path"),
+        (["train", "sinusoid", "--inner-lr", "-1"], "inner_lr=-1.0"),
+        (["train", "sinusoid", "--config", "/nonexistent.toml"], "does not exist"),
+        (["eval", "/nonexistent/checkpoint.pt"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line(
+    argv: list[str], match: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    full = argv + (["--output", str(tmp_path / "o")] if argv[0] == "train" else [])
+    assert run(full) == 2
+    _one_line_error(capsys, argv[0], match)
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_unknown_algorithm_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        run(["train", "sinusoid", "--algorithm", "maml3"])
+    assert e.value.code == 2
+    assert "invalid choice: 'maml3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(["train", "sinusoid", "--meta-batch", "0"])
+    assert "expected an integer > 0" in capsys.readouterr().err
+
+
+def test_data_errors_via_cli(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["train", "folder", "--data", str(image_folder), "--no-progress", *TINY[:4]]
+    assert run([*base, "--output", str(tmp_path / "a"), "--n-way", "30"]) == 2
+    _one_line_error(capsys, "train", "n_way=30 but the data has only")
+    assert run([*base, "--output", str(tmp_path / "b"), "--n-way", "2", "--k-shot", "3",
+                "--queries", "5"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "images per class are needed" in err and "class_0" in err
+    (image_folder / "class_01" / "img_2.png").write_bytes(b"not a png")
+    assert run([*base, "--output", str(tmp_path / "c")]) == 2
+    _one_line_error(capsys, "train", "img_2.png")
+    zipfile = tmp_path / "fake.zip"
+    zipfile.write_bytes(b"nope")
+    assert run(["train", "omniglot", "--data", str(zipfile), "--output", str(tmp_path / "d")]) == 2
+    _one_line_error(capsys, "train", "not a zip archive")
+
+
+def test_unwritable_output_and_existing_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "f"
+    blocker.write_text("")
+    assert run(["train", "sinusoid", "--output", str(blocker / "x"), *TINY]) == 2
+    _one_line_error(capsys, "train", "not writable")
+    out = tmp_path / "run"
+    assert run(["train", "sinusoid", "--output", str(out), *TINY]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert run(["train", "sinusoid", "--output", str(out), *TINY]) == 2
+    _one_line_error(capsys, "train", "already holds a training checkpoint")
+    assert run(["train", "sinusoid", "--output", str(out), "--resume", "--algorithm",
+                "metasgd", *TINY]) == 2  # fmt: skip
+    _one_line_error(capsys, "train", "algorithm 'maml' but this run uses 'metasgd'")
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert (
+        run(["train", "sinusoid", "--output", str(out), "--overwrite", *TINY, "--seed", "3"]) == 0
+    )
+    assert (out / "checkpoint.pt").read_bytes() != before
