@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from metagrad._errors import NonFiniteError
+from metagrad.distributed import check_same_config, init_from_env
 from metagrad.tasks import DatasetError, derive_seed
 from metagrad.training._build import TEST_STREAM, make_sampler
 from metagrad.training._checkpoint import CheckpointError, load_checkpoint
@@ -177,9 +178,22 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         out = Path(args.output) if args.output else Path("runs") / f"{cfg.task}-{cfg.algorithm}"
+        rank, world = init_from_env()  # torchrun: join the process group (gloo on CPU)
+        if world > 1:
+            check_same_config(cfg.to_dict())
+            if cfg.meta_batch < world:
+                raise ConfigError(
+                    f"meta_batch={cfg.meta_batch} is smaller than the world size {world}; every "
+                    f"rank needs a task. Raise --meta-batch or use fewer processes."
+                )
+            if cfg.algorithm in ("reptile", "imaml"):
+                raise ConfigError(
+                    f"algorithm={cfg.algorithm!r} is not distributed yet; use the MAML family."
+                )
         trainer = Trainer(
-            cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
-        )
+            cfg, out, resume=args.resume, overwrite=args.overwrite,
+            progress=not args.no_progress, writer=rank == 0,
+        )  # fmt: skip
         try:
             trainer.train()
         except KeyboardInterrupt:
@@ -189,7 +203,8 @@ def run_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 130
-        _finish(trainer, out, "train", trainer.elapsed, plots=not args.no_plots)
+        if rank == 0:  # only rank 0 reports and writes
+            _finish(trainer, out, "train", trainer.elapsed, plots=not args.no_plots)
     except USER_ERRORS as err:
         return _fail("train", err)
     return 0

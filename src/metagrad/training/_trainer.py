@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 import metagrad
+from metagrad.algorithms import MAML
+from metagrad.distributed import distributed_meta_loss
 from metagrad.training._build import (
     image_shape,
     load_splits,
@@ -166,12 +168,21 @@ class Trainer:
         resume: bool = False,
         overwrite: bool = False,
         progress: bool = True,
+        writer: bool = True,
     ) -> None:
         cfg = validate(cfg)
-        self.output = (
-            None if output is None else prepare_output(output, resume=resume, overwrite=overwrite)
-        )
+        if writer:
+            self.output = (
+                None
+                if output is None
+                else prepare_output(output, resume=resume, overwrite=overwrite)
+            )
+        else:  # a non-zero distributed rank: reads the checkpoint to resume, never writes
+            self.output = None if output is None else Path(output)
+            progress = False
         ckpt = load_checkpoint(self.output) if resume and self.output is not None else None
+        if not writer:
+            self.output = None
         if ckpt is not None:
             cfg = self._merge_resume_config(cfg, ckpt)
         self.writer_cls = _check_tensorboard() if cfg.tensorboard and self.output else None
@@ -295,7 +306,11 @@ class Trainer:
         batch = self.samplers["train"].sample(self.cfg.meta_batch).to(self.cfg.device)
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.learner.meta_loss(*batch)
+        if isinstance(self.learner, MAML):
+            # Shards the meta-batch over ranks under torchrun; plain meta_loss otherwise.
+            loss = distributed_meta_loss(self.learner, *batch)
+        else:
+            loss = self.learner.meta_loss(*batch)
         loss.backward()
         params = [p for p in self.learner.parameters() if p.grad is not None]
         clip = self.cfg.clip_grad if self.cfg.clip_grad is not None else math.inf
