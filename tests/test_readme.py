@@ -28,6 +28,8 @@ def test_readme_has_runnable_examples() -> None:
     assert len(_blocks()) >= 2
 
 
-@pytest.mark.parametrize("line, code", _blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else "")
+@pytest.mark.parametrize(
+    "line, code", _blocks(), ids=lambda v: f"line{v}" if isinstance(v, int) else ""
+)
 def test_readme_example_runs(line: int, code: str) -> None:
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
