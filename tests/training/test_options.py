@@ -47,3 +47,16 @@ def test_train_is_wired_into_the_main_cli(tmp_path, capsys) -> None:  # type: ig
     assert code == 0
     assert (tmp_path / "run" / "results.json").exists()
     assert "query MSE" in capsys.readouterr().out
+
+
+def test_eval_trace_writes_csv_and_png(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid", "--iterations", "2", "--eval-tasks", "4", "--meta-batch", "2",
+                 "--no-progress", "--no-plots", "--output", str(run)]) == 0  # fmt: skip
+    out = tmp_path / "eval"
+    assert main(["eval", str(run / "checkpoint.pt"), "--tasks", "4", "--test-steps", "0,3",
+                 "--trace", "3", "--output", str(out)]) == 0  # fmt: skip
+    lines = (out / "trace.csv").read_text().strip().splitlines()
+    assert lines[0].startswith("task,step") and len(lines) == 1 + 3 * 4  # 3 tasks x steps 0..3
+    assert (out / "trace.png").stat().st_size > 1000

@@ -238,11 +238,36 @@ def run_eval(args: argparse.Namespace) -> int:
 
             out = prepare_output(args.output, resume=False)
         _finish(trainer, out, "eval", None, plots=not args.no_plots)
+        if args.trace:
+            _write_trace(trainer, out, args.trace, plots=not args.no_plots)
         if args.json:
             print(json.dumps(trainer.evaluate().to_dict()))
     except USER_ERRORS as err:
         return _fail("eval", err)
     return 0
+
+
+def _write_trace(trainer: Trainer, out: Path | None, tasks: int, *, plots: bool) -> None:
+    """Inner-loop trace of ``tasks`` test tasks: trace.csv (+ trace.png) in ``out``."""
+    from metagrad.viz import inner_trace, plot_trace, write_trace_csv
+
+    if out is None:
+        raise ConfigError("--trace needs --output DIR for trace.csv and trace.png.")
+    if trainer.cfg.algorithm == "imaml":
+        raise ConfigError("--trace follows the learner's own inner loop; iMAML's is implicit.")
+    batch = trainer.samplers["test"].sample(tasks).to(trainer.cfg.device)
+    rows = inner_trace(trainer.learner, *batch, steps=max(trainer.cfg.test_steps))  # type: ignore[arg-type]
+    write_trace_csv(rows, out / "trace.csv")
+    written = ["trace.csv"]
+    if plots:
+        try:
+            plot_trace(
+                rows, out / "trace.png", title=f"{trainer.cfg.algorithm} on {trainer.cfg.task}"
+            )
+            written.append("trace.png")
+        except ImportError as err:
+            print(f"metagrad eval: {err}", file=sys.stderr)
+    print(f"wrote {out / written[0]}" + (f", {written[1]}" if len(written) > 1 else ""))
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -329,6 +354,10 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device")
     p.add_argument("--output", help="folder for results.json and plots")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--trace", type=_pos_int, default=0, metavar="N",
+        help="also trace the inner loop on N test tasks: trace.csv and trace.png in --output",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=run_eval)
     return p  # type: ignore[no-any-return]
