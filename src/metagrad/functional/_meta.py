@@ -23,7 +23,8 @@ then attaches that gradient to a loss tensor so ``loss.backward()`` delivers it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -55,6 +56,30 @@ def _leaves(theta: Params, extra: Params) -> dict[str, Tensor]:
     }
 
 
+@contextmanager
+def _explain_autograd_errors(spec: InnerSpec) -> Iterator[None]:
+    """Re-raise PyTorch's cryptic double-backward failures with an explanation and the fix."""
+    try:
+        yield
+    except RuntimeError as err:
+        better = translate_autograd_error(spec.fn_name, err, spec.order)
+        if better is None:
+            raise
+        raise better from err
+
+
+def _accumulate(total: dict[str, Tensor | None], key: str, g: Tensor | None) -> None:
+    if g is not None:
+        prev = total.get(key)
+        total[key] = g if prev is None else prev + g
+
+
+def _check_meta_grads(spec: InnerSpec, total: dict[str, Tensor | None]) -> None:
+    for k, acc in total.items():
+        if acc is not None:
+            check_finite(spec.fn_name, acc, f"meta-gradient of {k.split(':', 1)[1]!r}", None, None)
+
+
 def meta_loop(
     fm: FunctionalModel,
     loss_fn: LossFn,
@@ -78,43 +103,31 @@ def meta_loop(
     losses = []
     buffers = fm.buffers()
     for i in range(T):
-        try:
-            with torch.enable_grad():
-                obj, _, _ = run_task(
-                    fm,
-                    loss_fn,
-                    spec,
-                    AutogradBackend(spec, i),
-                    th,
-                    ex,
-                    buffers,
-                    xs[i],
-                    ys[i],
-                    xq[i],
-                    yq[i],
-                )
-                assert obj is not None
-                if spec.check_finite:
-                    check_finite(spec.fn_name, obj, "query loss", i, None)
-                if need_grad and wrt:
-                    gs = torch.autograd.grad(obj / T, [leaves[k] for k in wrt], allow_unused=True)
-                    for k, g in zip(wrt, gs):
-                        if g is not None:
-                            acc = total[k]
-                            total[k] = g if acc is None else acc + g  # type: ignore[assignment]
-        except RuntimeError as err:
-            better = translate_autograd_error(spec.fn_name, err, spec.order)
-            if better is None:
-                raise
-            raise better from err
+        with _explain_autograd_errors(spec), torch.enable_grad():
+            obj, _, _ = run_task(
+                fm,
+                loss_fn,
+                spec,
+                AutogradBackend(spec, i),
+                th,
+                ex,
+                buffers,
+                xs[i],
+                ys[i],
+                xq[i],
+                yq[i],
+            )
+            assert obj is not None
+            if spec.check_finite:
+                check_finite(spec.fn_name, obj, "query loss", i, None)
+            if need_grad and wrt:
+                gs = torch.autograd.grad(obj / T, [leaves[k] for k in wrt], allow_unused=True)
+                for k, g in zip(wrt, gs):
+                    _accumulate(total, k, g)
         losses.append(obj.detach())
     per_task = torch.stack(losses)
     if spec.check_finite and need_grad:
-        for k, acc in total.items():
-            if acc is not None:
-                check_finite(
-                    spec.fn_name, acc, f"meta-gradient of {k.split(':', 1)[1]!r}", None, None
-                )
+        _check_meta_grads(spec, total)
     return MetaResult(per_task.mean(), total if need_grad else {}, per_task)
 
 
@@ -137,29 +150,17 @@ def meta_hvp_chain(
     total: dict[str, Tensor | None] = {}
     losses = []
     for i in range(T):
-        try:
+        with _explain_autograd_errors(spec):
             obj, gs = task_adjoint(
                 fm, loss_fn, spec, theta, extra, buffers, xs[i], ys[i], xq[i], yq[i], i, every
             )
-        except RuntimeError as err:
-            better = translate_autograd_error(spec.fn_name, err, spec.order)
-            if better is None:
-                raise
-            raise better from err
         losses.append(obj)
         for k, g in gs.items():
-            prev = total.get(k)
-            if g is None:
-                total[k] = prev
-            else:
-                total[k] = g / T if prev is None else prev + g / T
+            total.setdefault(k, None)
+            _accumulate(total, k, None if g is None else g / T)
     per_task = torch.stack(losses)
     if spec.check_finite:
-        for k, acc in total.items():
-            if acc is not None:
-                check_finite(
-                    spec.fn_name, acc, f"meta-gradient of {k.split(':', 1)[1]!r}", None, None
-                )
+        _check_meta_grads(spec, total)
     return MetaResult(per_task.mean(), total, per_task)
 
 
