@@ -80,6 +80,8 @@ def _zip_members(path: Path) -> Iterator[tuple[Key, str, bytes]]:
             parts = PurePosixPath(name).parts
             if name.endswith("/") or len(parts) < 3 or not name.lower().endswith(".png"):
                 continue
+            if ".." in parts or name.startswith("/"):
+                continue  # path-traversal names are never Omniglot images; never used as paths
             found = True
             # Read in memory: nothing is ever extracted to a path taken from the archive.
             yield (parts[-3], parts[-2]), f"{path}:{name}", archive.read(name)
