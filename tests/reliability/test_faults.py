@@ -116,3 +116,48 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tmp_path: Pa
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _poison_second_batch(trainer) -> None:  # type: ignore[no-untyped-def]
+    sampler = trainer.samplers["train"]
+    orig, calls = sampler.sample, {"n": 0}
+
+    def sample(n: int):  # type: ignore[no-untyped-def]
+        batch = orig(n)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            xs = batch.xs.clone()
+            xs[1, 0] = float("nan")
+            batch = batch._replace(xs=xs)
+        return batch
+
+    sampler.sample = sample
+
+
+def test_nan_raise_policy_names_task_and_keeps_checkpoint_clean(tmp_path: Path) -> None:
+    from metagrad import NonFiniteError
+    from metagrad.training import Trainer, preset
+
+    cfg = preset("sinusoid").replace(iterations=4, meta_batch=3, checkpoint_every=1, val_every=100)
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    _poison_second_batch(t)
+    with pytest.raises(NonFiniteError) as exc:
+        t.train()
+    assert exc.value.task == 1 and exc.value.step == 0
+    state = load_checkpoint(tmp_path / "run")
+    assert state["iteration"] == 1
+    assert all(v.isfinite().all() for v in state["learner"].values() if v.is_floating_point())
+
+
+def test_nan_skip_policy_drops_the_batch_and_counts_it(tmp_path: Path) -> None:
+    from metagrad.training import Trainer, preset
+
+    cfg = preset("sinusoid").replace(
+        iterations=4, meta_batch=3, checkpoint_every=1, val_every=100, nan_policy="skip"
+    )
+    t = Trainer(cfg, tmp_path / "run", progress=False)
+    _poison_second_batch(t)
+    assert t.train() == 4 and t.skipped == 1
+    state = load_checkpoint(tmp_path / "run")
+    assert state["skipped"] == 1
+    assert all(v.isfinite().all() for v in state["learner"].values() if v.is_floating_point())

@@ -61,6 +61,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     min_lr: float = 0.0
     clip_grad: float | None = None
+    nan_policy: str = "raise"  # or "skip": drop a meta-batch whose loss/meta-gradient is NaN/Inf
     seed: int = 0
     # bookkeeping
     val_every: int = 1000
@@ -219,6 +220,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field; raise :class:`ConfigError` naming the field and the fix."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is not known; choose one of {list(TASKS)}.")
+    if cfg.nan_policy not in ("raise", "skip"):
+        raise ConfigError(f"nan_policy={cfg.nan_policy!r} must be 'raise' (default) or 'skip'.")
     if cfg.compile and cfg.algorithm in ("reptile", "imaml"):
         raise ConfigError(
             f"compile=True applies to the MAML family; algorithm={cfg.algorithm!r} runs its own "

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import metagrad
+from metagrad._errors import NonFiniteError
 from metagrad.algorithms import MAML
 from metagrad.distributed import distributed_meta_loss
 from metagrad.training._build import (
@@ -203,6 +204,7 @@ class Trainer:
                 self.optimizer, factor=1.0, total_iters=0
             )
         self.iteration = 0
+        self.skipped = 0  # meta-batches dropped by nan_policy="skip"
         self.elapsed = 0.0
         self.last_val: EvalResult | None = None
         if ckpt is not None:
@@ -235,6 +237,7 @@ class Trainer:
             "algorithm": self.cfg.algorithm,
             "config": self.cfg.to_dict(),
             "iteration": self.iteration,
+            "skipped": self.skipped,
             "elapsed_s": self.elapsed,
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -260,6 +263,7 @@ class Trainer:
         for k, s in self.samplers.items():
             s.load_state_dict(ckpt["samplers"][k])
         self.iteration = int(ckpt["iteration"])
+        self.skipped = int(ckpt.get("skipped", 0))
         self.elapsed = float(ckpt.get("elapsed_s", 0.0))
         self._truncate_metrics()
 
@@ -267,6 +271,15 @@ class Trainer:
         """Write the checkpoint now (no-op without an output folder)."""
         if self.output is None:
             return None
+        bad = [
+            n
+            for n, p in self.learner.state_dict().items()
+            if p.is_floating_point() and not bool(p.isfinite().all())
+        ]
+        if bad:  # never replace the last good checkpoint with a broken one
+            raise NonFiniteError(
+                "metagrad.train", f"parameters {bad[:3]} (checkpoint not written)", None, None
+            )
         return save_checkpoint(self.state_dict(), self.output)
 
     # -- logging -----------------------------------------------------------------------------
@@ -306,11 +319,24 @@ class Trainer:
         batch = self.samplers["train"].sample(self.cfg.meta_batch).to(self.cfg.device)
         self.learner.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(self.learner, MAML):
-            # Shards the meta-batch over ranks under torchrun; plain meta_loss otherwise.
-            loss = distributed_meta_loss(self.learner, *batch)
-        else:
-            loss = self.learner.meta_loss(*batch)
+        try:
+            if isinstance(self.learner, MAML):
+                # Shards the meta-batch over ranks under torchrun; plain meta_loss otherwise.
+                loss = distributed_meta_loss(self.learner, *batch)
+            else:
+                loss = self.learner.meta_loss(*batch)
+        except NonFiniteError as err:
+            if self.cfg.nan_policy != "skip":
+                raise
+            # Skip this meta-batch: no update, so no NaN can reach the parameters or a checkpoint.
+            self.skipped += 1
+            self.iteration += 1
+            print(
+                f"metagrad train: warning: skipped the meta-batch of iteration {self.iteration} "
+                f"({err}); {self.skipped} skipped so far.",
+                file=sys.stderr,
+            )
+            return math.nan, math.nan
         loss.backward()
         params = [p for p in self.learner.parameters() if p.grad is not None]
         clip = self.cfg.clip_grad if self.cfg.clip_grad is not None else math.inf
@@ -349,8 +375,9 @@ class Trainer:
             while self.iteration < stop:
                 loss, norm = self.step()
                 self.elapsed = elapsed0 + time.perf_counter() - t_start
-                window.append(loss)
-                norms.append(norm)
+                if math.isfinite(loss):  # a skipped meta-batch (nan_policy="skip") logs nothing
+                    window.append(loss)
+                    norms.append(norm)
                 lr = self.optimizer.param_groups[0]["lr"]
                 bar.update(self.iteration, loss, lr)
                 it = self.iteration
