@@ -159,3 +159,17 @@ def test_python_dash_m_explain_json() -> None:
     assert out["first"]["meta_grad_w_autograd"] == pytest.approx(8.4128, rel=1e-12)
     assert out["second"]["meta_grad_w_autograd"] == pytest.approx(-16.8256, rel=1e-12)
     assert out["second"]["w0_updated"] == pytest.approx(16.2998, rel=1e-12)
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import metagrad.cli as cli
+
+    def boom(args):  # type: ignore[no-untyped-def]
+        raise KeyError("something deep broke")
+
+    monkeypatch.setattr(cli, "_run_explain", lambda args, parser: boom(args))
+    assert cli.main(["explain"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "KeyError" in err and "--debug" in err
+    with pytest.raises(KeyError):
+        cli.main(["--debug", "explain"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metagrad", description="Exact higher-order meta-gradients for PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"metagrad {metagrad.__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show Python tracebacks instead of one-line errors"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in _REGISTRARS:
         register(subparsers)
@@ -291,4 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(_glue_negative_values(args_in))
     handler: Callable[[argparse.Namespace], int] = args.handler
-    return handler(args)
+    if args.debug:
+        os.environ["METAGRAD_DEBUG"] = "1"
+        return handler(args)
+    try:
+        return handler(args)
+    except (Exception, KeyboardInterrupt) as err:  # one line for users; --debug for the rest
+        if isinstance(err, KeyboardInterrupt):
+            print(f"metagrad {args.command}: interrupted", file=sys.stderr)
+            return 130
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(
+            f"metagrad {args.command}: error: {type(err).__name__}: {first} "
+            f"(run `metagrad --debug {args.command} ...` for the traceback)",
+            file=sys.stderr,
+        )
+        return 1

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,8 @@ def _one_line(err: BaseException) -> str:
 
 
 def _fail(cmd: str, err: BaseException) -> int:
+    if os.environ.get("METAGRAD_DEBUG"):  # `metagrad --debug ...`
+        traceback.print_exception(err)
     print(f"metagrad {cmd}: error: {_one_line(err)}", file=sys.stderr)
     return 2
 
