@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise CheckpointError(
                 f"{str(c)!r} is not a metagrad training checkpoint (written by `metagrad train`)."
+            )
+        if errors:  # the latest was unreadable (crash while saving): say which one is used
+            print(
+                f"metagrad: warning: {errors[0]}; using the last good checkpoint {str(c)!r}.",
+                file=sys.stderr,
             )
         return state
     raise CheckpointError(f"cannot read checkpoint: {'; '.join(errors)}")
