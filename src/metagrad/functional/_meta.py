@@ -316,6 +316,30 @@ def meta_gradient(
     """
     fm.sync_modes()
     chosen = resolve_strategy(strategy, fm, spec.fn_name, spec.order)
+    try:
+        return _meta_gradient(fm, loss_fn, spec, theta, extra, tasks, chosen, need_grad, compile)
+    except (IndexError, RuntimeError) as err:  # cross_entropy's "Target 7 is out of bounds"
+        if isinstance(err, RuntimeError) and "out of bounds" not in str(err):
+            raise  # (under vmap the same mistake surfaces as a RuntimeError)
+        raise ValueError(
+            f"{spec.fn_name}: loss_fn raised {type(err).__name__} ({str(err).splitlines()[0]}). "
+            f"For classification the targets "
+            f"ys/yq must be integer labels in [0, number of classes) of the model's output; "
+            f"remap each task's labels to 0..N-1."
+        ) from err
+
+
+def _meta_gradient(
+    fm: FunctionalModel,
+    loss_fn: LossFn,
+    spec: InnerSpec,
+    theta: Params,
+    extra: Params,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    chosen: str,
+    need_grad: bool,
+    compile: bool | str,
+) -> MetaResult:
     if chosen == "vmap":
         return meta_vmap(fm, loss_fn, spec, theta, extra, tasks, need_grad, compile)
     if compile:
