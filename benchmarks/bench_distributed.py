@@ -98,9 +98,9 @@ def main() -> None:
         )
     lines = ["| workload | 1 process it/s | 2 processes it/s | speed-up |", "|---|---|---|---|"]
     with TemporaryDirectory() as tmp:
-        for name, args, iters in work:
-            t1 = _time(1, args, f"{tmp}/a")
-            t2 = _time(2, args, f"{tmp}/b")
+        for i, (name, args, iters) in enumerate(work):
+            t1 = _time(1, args, f"{tmp}/{i}-one")
+            t2 = _time(2, args, f"{tmp}/{i}-two")
             lines.append(f"| {name} | {iters / t1:.2f} | {iters / t2:.2f} | {t1 / t2:.2f}x |")
             print(lines[-1], flush=True)
     text = "\n".join(lines)
