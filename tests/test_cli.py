@@ -173,3 +173,4 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys) -> Non
     assert err.count("\n") == 1 and "KeyError" in err and "--debug" in err
     with pytest.raises(KeyError):
         cli.main(["--debug", "explain"])
+    assert "METAGRAD_DEBUG" not in __import__("os").environ  # nothing leaks into later calls

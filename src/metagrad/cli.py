@@ -296,8 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(_glue_negative_values(args_in))
     handler: Callable[[argparse.Namespace], int] = args.handler
     if args.debug:
-        os.environ["METAGRAD_DEBUG"] = "1"
-        return handler(args)
+        previous = os.environ.get("METAGRAD_DEBUG")
+        os.environ["METAGRAD_DEBUG"] = "1"  # read by subcommands that format their own errors
+        try:
+            return handler(args)
+        finally:  # main() may be called again in the same process (tests, notebooks)
+            if previous is None:
+                del os.environ["METAGRAD_DEBUG"]
+            else:
+                os.environ["METAGRAD_DEBUG"] = previous
     try:
         return handler(args)
     except (Exception, KeyboardInterrupt) as err:  # one line for users; --debug for the rest

@@ -68,6 +68,8 @@ def plot_sinusoid_fits(
             ax.plot(grid.cpu(), out.cpu(), "--", color=c, lw=1.6,
                     label=f"{s} grad step" + ("s" if s != 1 else ""))  # fmt: skip
         ax.scatter(x.cpu(), y.cpu(), marker="^", color="k", zorder=5, label=f"{x.shape[0]} points")
+        lim = float(amp[i]) * 1.6 + 0.5  # keep the truth readable if an adapted fit runs off
+        ax.set_ylim(-lim, lim)
         ax.set_title(f"A={float(amp[i]):.2f}, phase={float(phase[i]):.2f}")
         ax.set_xlim(-5, 5)
         ax.set_xlabel("x")

@@ -65,5 +65,11 @@ def make_plots(trainer: Any, folder: Path) -> list[Path]:
     if trainer.cfg.task == "sinusoid":
         shots = trainer.cfg.eval_shots or trainer.cfg.shots
         tasks = SinusoidTasks(shots, seed=derive_seed(trainer.cfg.seed, 4))
-        made.append(plot_sinusoid_fits(trainer.learner, tasks, folder / "sinusoid_fits.png"))
+        # Figure 2 shows 1 and 10 steps; never more steps than the run is evaluated with
+        # (Meta-SGD's learned rates are tuned for its training steps and can diverge beyond).
+        top = max(trainer.cfg.test_steps)
+        steps = sorted({s for s in (1, 10) if s <= top} | ({top} if top > 0 else set()))
+        made.append(
+            plot_sinusoid_fits(trainer.learner, tasks, folder / "sinusoid_fits.png", steps=steps)
+        )
     return made
