@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -14,29 +13,9 @@ from torch import Tensor, nn
 
 from metagrad.algorithms import ANIL, MAML, MAMLpp, MetaSGD
 from metagrad.check._check import check_meta_gradient
-from metagrad.models import conv4, sinusoid_mlp
+from metagrad.models import conv4, load_factory, sinusoid_mlp
 
 ALGORITHMS = ("maml", "fomaml", "metasgd", "anil", "mamlpp")
-
-
-def load_factory(spec: str) -> Callable[[], nn.Module]:
-    """``"package.module:function"`` -> the function (which must return an ``nn.Module``)."""
-    if ":" not in spec:
-        raise ValueError(
-            f"--model {spec!r}: expected 'mlp', 'conv4' or 'package.module:function' (a function "
-            f"returning an nn.Module)."
-        )
-    mod_name, fn_name = spec.split(":", 1)
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as err:
-        raise ValueError(
-            f"--model {spec!r}: cannot import {mod_name!r} ({err}); is it on PYTHONPATH?"
-        ) from err
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise ValueError(f"--model {spec!r}: {mod_name!r} has no callable {fn_name!r}.")
-    return fn  # type: ignore[no-any-return]
 
 
 def _tasks(args: argparse.Namespace, model: nn.Module, gen: torch.Generator) -> tuple[Tensor, ...]:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 
-def sinusoid_mlp(hidden: int = 40, depth: int = 2) -> nn.Sequential:
+def sinusoid_mlp(
+    hidden: int = 40, depth: int = 2, *, in_features: int = 1, out_features: int = 1
+) -> nn.Sequential:
     """The MAML paper's sinusoid regressor: 1 -> 40 -> 40 -> 1 with ReLU (1761 parameters)."""
     layers: list[nn.Module] = []
-    width = 1
+    width = in_features
     for _ in range(depth):
         layers += [nn.Linear(width, hidden), nn.ReLU()]
         width = hidden
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, out_features))
     return nn.Sequential(*layers)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import torch
@@ -10,6 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagrad.algorithms import MAML
+from metagrad.models import conv4 as _conv4
+from metagrad.models import load_factory, sinusoid_mlp
 from metagrad.viz._graph import MetaGraph, meta_graph
 
 __all__ = ["ToyLinear", "conv4", "load_factory", "mlp", "squared_error", "toy_graph"]
@@ -83,13 +84,7 @@ def toy_graph(
 
 def mlp(hidden: int = 40, in_features: int = 1, out_features: int = 1) -> nn.Module:
     """The sinusoid-regression MLP of the MAML paper: ``in -> hidden -> hidden -> out``, ReLU."""
-    return nn.Sequential(
-        nn.Linear(in_features, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, out_features),
-    )
+    return sinusoid_mlp(hidden, in_features=in_features, out_features=out_features)
 
 
 def conv4(
@@ -103,48 +98,7 @@ def conv4(
         ways: Classes per task (output size).
         image_size: Input height = width.
     """
-    layers: list[nn.Module] = []
-    channels = in_channels
-    for _ in range(4):
-        layers += [
-            nn.Conv2d(channels, filters, 3, padding=1),
-            nn.BatchNorm2d(filters),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        ]
-        channels = filters
-    side = image_size
-    for _ in range(4):
-        side //= 2
-    layers += [nn.Flatten(), nn.Linear(filters * max(side, 1) ** 2, ways)]
-    return nn.Sequential(*layers)
-
-
-def load_factory(spec: str) -> Callable[[], nn.Module]:
-    """Resolve ``"package.module:function"`` to a zero-argument factory returning an ``nn.Module``.
-
-    Raises:
-        ValueError: Malformed spec, module or attribute not found, or not callable.
-    """
-    fn = "metagrad.viz.load_factory"
-    mod_name, sep, attr = spec.partition(":")
-    if not sep or not mod_name or not attr:
-        raise ValueError(
-            f"{fn}: model {spec!r} is neither a built-in (mlp, conv4) nor 'module:function' "
-            f"(e.g. mypkg.models:make_net, a function returning an nn.Module)."
-        )
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ValueError(f"{fn}: cannot import module {mod_name!r} for {spec!r}: {exc}") from None
-    obj: object = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{fn}: module {mod_name!r} has no attribute {attr!r}.")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{fn}: {spec!r} is not callable; point at a function or class.")
-    return obj  # type: ignore[return-value]
+    return _conv4(n_way=ways, in_channels=in_channels, hidden=filters, image_size=image_size)
 
 
 def regression_task(
