@@ -98,6 +98,10 @@ class FunctionalModel:
     compiled: dict[Any, Any] = field(default_factory=dict)
     reach_checked: set[Any] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        # forward() runs per inner step per task: look buffer names up in a set built once.
+        self._buffer_set = frozenset(self.buffer_names)
+
     def __getstate__(self) -> dict[str, Any]:
         # Compiled functions do not copy or pickle; a copy recompiles on first use.
         state = dict(self.__dict__)
@@ -137,10 +141,6 @@ class FunctionalModel:
         buffer_names = [k for k, _ in module.named_buffers() if k not in dropped]
         pairs = list(zip(module.modules(), template.modules()))
         return cls(module, template, trainable, frozen, buffer_names, bn, pairs)
-
-    @property
-    def _buffer_set(self) -> set[str]:
-        return set(self.buffer_names)
 
     def params(self) -> Params:
         """The user's trainable parameters (live references, so the meta-gradient reaches them)."""
@@ -195,10 +195,10 @@ class FunctionalModel:
         Entries of ``params`` named like a buffer (per-step statistics returned by ``adapt``)
         override that buffer.
         """
-        extra_bufs = [k for k in params if k in self._buffer_set]
+        extra_bufs = self._buffer_set.intersection(params)
         if extra_bufs:
             buffers = {**buffers, **{k: params[k] for k in extra_bufs}}
-            params = {k: v for k, v in params.items() if k not in self._buffer_set}
+            params = {k: v for k, v in params.items() if k not in extra_bufs}
         if self.frozen:
             named = dict(self.source.named_parameters())
             params = {**{k: named[k].detach() for k in self.frozen}, **params}
