@@ -218,7 +218,10 @@ class IMAML(Learner):
         _, grads = self._meta(xs, ys, xq, yq)
         return {f"module.{k}": g for k, g in grads.items()}
 
-    def _meta(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> tuple[Tensor, Params]:
+    def _meta(
+        self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
+    ) -> tuple[Tensor, Params]:
+        """Mean query loss at the inner solutions and (if ``need_grad``) the implicit gradient."""
         xs, ys, xq, yq = self._tasks("meta_loss", xs, ys, xq, yq)
         steps = self.inner_steps if self.training else self.eval_steps
         theta = self.fmodel.params()
@@ -229,6 +232,10 @@ class IMAML(Learner):
         losses = []
         self.last_cg = []
         for i in range(T):
+            if not need_grad:  # validation: the inner solution's query loss only
+                t = self.solve_inner(theta, buffers, xs[i], ys[i], steps, i)
+                losses.append(self.loss_fn(self.fmodel.forward(t, buffers, xq[i]), yq[i]))
+                continue
             q, gs = self.task_gradient(theta, buffers, xs[i], ys[i], xq[i], yq[i], i, steps)
             losses.append(q)
             for k, g in zip(theta, gs):
@@ -238,15 +245,7 @@ class IMAML(Learner):
     def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         """Mean query loss at the inner solutions; ``.backward()`` writes the implicit meta-gradient."""
         if not torch.is_grad_enabled():
-            xs, ys, xq, yq = self._tasks("meta_loss", xs, ys, xq, yq)
-            steps = self.inner_steps if self.training else self.eval_steps
-            theta, buffers = self.fmodel.params(), self.fmodel.buffers()
-            self.fmodel.sync_modes()
-            vals = []
-            for i in range(xs.shape[0]):
-                t = self.solve_inner(theta, buffers, xs[i], ys[i], steps, i)
-                vals.append(self.loss_fn(self.fmodel.forward(t, buffers, xq[i]), yq[i]))
-            return torch.stack(vals).mean()
+            return self._meta(xs, ys, xq, yq, need_grad=False)[0]
         loss, grads = self._meta(xs, ys, xq, yq)
         theta = self.fmodel.params()
         return AttachGrad.apply(loss, tuple(grads[k] for k in theta), *theta.values())  # type: ignore[no-any-return]
