@@ -40,9 +40,13 @@ class Learner(nn.Module):
 
     fn_name = "metagrad.Learner"
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, bn: str) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, bn: str, memory_format: str = "auto"
+    ) -> None:
         super().__init__()
-        self.fmodel = FunctionalModel.from_module(model, bn, fn_name=self.fn_name)
+        self.fmodel = FunctionalModel.from_module(
+            model, bn, memory_format=memory_format, fn_name=self.fn_name
+        )
         if not self.fmodel.trainable:
             raise ValueError(
                 f"{self.fn_name}: the model has no parameter with requires_grad=True; there is "

@@ -87,6 +87,8 @@ class IMAML(Learner):
         eval_steps: default steps of :meth:`adapt` (default ``inner_steps``).
         inner_optimizer: ``"sgd"`` (default), ``"momentum"``, ``"adam"`` or an optimizer object.
         bn: BatchNorm policy (see :class:`metagrad.MAML`).
+        memory_format: ``"auto"`` (default: channels-last activations for stock ``torch.nn``
+            conv nets on CPU, ~1.4x faster, same values), ``"channels_last"`` or ``"preserve"``.
         check_finite: raise :class:`metagrad.NonFiniteError` naming task and step on NaN/Inf.
 
     Example:
@@ -114,9 +116,10 @@ class IMAML(Learner):
         eval_steps: int | None = None,
         inner_optimizer: str | InnerOptimizer = "sgd",
         bn: str = "transductive",
+        memory_format: str = "auto",
         check_finite: bool = True,
     ) -> None:
-        super().__init__(model, loss_fn, bn)
+        super().__init__(model, loss_fn, bn, memory_format)
         fn = self.fn_name
         self.inner_lr = check_lr(fn, inner_lr)
         self.inner_steps = check_steps(fn, "inner_steps", inner_steps)

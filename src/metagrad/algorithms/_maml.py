@@ -85,6 +85,8 @@ class MAML(Learner):
             for the sinusoid MLP on 1 CPU thread), then runs ~9x faster than eager: for long runs.
         allow_unused: adapted parameters that do not reach the support loss are left unchanged
             instead of raising.
+        memory_format: ``"auto"`` (default: channels-last activations for stock ``torch.nn``
+            conv nets on CPU, ~1.4x faster, same values), ``"channels_last"`` or ``"preserve"``.
         check_finite: raise :class:`metagrad.NonFiniteError` naming the task and step on NaN/Inf.
 
     Example:
@@ -118,12 +120,13 @@ class MAML(Learner):
         first_order_steps: int = 0,
         per_step_bn: bool = False,
         bn: str = "transductive",
+        memory_format: str = "auto",
         strategy: str = "auto",
         compile: bool | str = False,
         allow_unused: bool = False,
         check_finite: bool = True,
     ) -> None:
-        super().__init__(model, loss_fn, bn)
+        super().__init__(model, loss_fn, bn, memory_format)
         fn = self.fn_name
         self.inner_lr = check_lr(fn, inner_lr)
         self.inner_steps = check_steps(fn, "inner_steps", inner_steps)

@@ -34,6 +34,8 @@ class Reptile(Learner):
         eval_steps: default steps of :meth:`adapt` (default ``inner_steps``).
         inner_optimizer: ``"sgd"`` (default), ``"momentum"``, ``"adam"`` or an optimizer object.
         bn: BatchNorm policy (see :class:`metagrad.MAML`).
+        memory_format: ``"auto"`` (default: channels-last activations for stock ``torch.nn``
+            conv nets on CPU, ~1.4x faster, same values), ``"channels_last"`` or ``"preserve"``.
         allow_unused: leave parameters without support gradient unchanged instead of raising.
     """
 
@@ -49,10 +51,11 @@ class Reptile(Learner):
         eval_steps: int | None = None,
         inner_optimizer: str | InnerOptimizer = "sgd",
         bn: str = "transductive",
+        memory_format: str = "auto",
         allow_unused: bool = False,
         check_finite: bool = True,
     ) -> None:
-        super().__init__(model, loss_fn, bn)
+        super().__init__(model, loss_fn, bn, memory_format)
         self.inner_lr = check_lr(self.fn_name, inner_lr)
         self.inner_steps = check_steps(self.fn_name, "inner_steps", inner_steps)
         self.eval_steps = (

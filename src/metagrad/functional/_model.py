@@ -13,6 +13,18 @@ BatchNorm policy (``bn=``):
 
 In both policies the user's buffers are read-only: the template's norm layers are switched to
 ``track_running_stats=False`` so no forward pass writes to a buffer.
+
+Memory format (``memory_format=``): on CPU, oneDNN convolutions, BatchNorm and above all
+``max_pool2d`` run much faster on channels-last (NHWC) activations (max-pool with indices on a
+[75, 64, 28, 28] batch: 42 ms NCHW vs 4.5 ms NHWC, one thread). Every layer keeps the format of
+its input, so converting the image batch once at the model's entry makes the whole forward,
+backward and double backward NHWC. The values are the same function (only the summation order of
+the convolutions changes).
+
+* ``"auto"`` (default): channels-last for 4-D CPU inputs when the model has a ``Conv2d`` and is
+  built only of ``torch.nn`` layers (a custom ``forward`` might call ``.view``, which fails on
+  NHWC strides).
+* ``"channels_last"``: always, on any device. ``"preserve"``: never.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from torch.func import functional_call
 from metagrad._typing import Buffers, Params
 
 BN_POLICIES = ("transductive", "running")
+MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 
 _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # Modules whose math is safe and fast to vmap over tasks (see choose_strategy).
@@ -97,6 +110,8 @@ class FunctionalModel:
     # allow_unused) pairs whose "every adapted parameter reaches the support loss" probe passed.
     compiled: dict[Any, Any] = field(default_factory=dict)
     reach_checked: set[Any] = field(default_factory=set)
+    # Resolved ``memory_format``: None (never), "cpu" (CPU inputs only: auto) or "any".
+    channels_last: str | None = None
 
     def __post_init__(self) -> None:
         # forward() runs per inner step per task: look buffer names up in a set built once.
@@ -110,7 +125,12 @@ class FunctionalModel:
 
     @classmethod
     def from_module(
-        cls, module: nn.Module, bn: str = "transductive", *, fn_name: str = "metagrad"
+        cls,
+        module: nn.Module,
+        bn: str = "transductive",
+        *,
+        memory_format: str = "auto",
+        fn_name: str = "metagrad",
     ) -> FunctionalModel:
         if not isinstance(module, nn.Module):
             raise TypeError(
@@ -121,6 +141,11 @@ class FunctionalModel:
             raise ValueError(
                 f"{fn_name}: bn={bn!r} is not a BatchNorm policy; use one of {BN_POLICIES} "
                 f"('transductive' is MAML's reference behaviour)."
+            )
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(
+                f"{fn_name}: memory_format={memory_format!r} is not one of {MEMORY_FORMATS}; "
+                f"'auto' uses channels-last for stock conv nets on CPU."
             )
         template = copy.deepcopy(module)
         dropped: set[str] = set()
@@ -140,7 +165,12 @@ class FunctionalModel:
         frozen = [k for k, p in named.items() if not p.requires_grad]
         buffer_names = [k for k, _ in module.named_buffers() if k not in dropped]
         pairs = list(zip(module.modules(), template.modules()))
-        return cls(module, template, trainable, frozen, buffer_names, bn, pairs)
+        fm = cls(module, template, trainable, frozen, buffer_names, bn, pairs)
+        if memory_format == "channels_last":
+            fm.channels_last = "any"
+        elif memory_format == "auto" and _stock_conv2d_net(module):
+            fm.channels_last = "cpu"
+        return fm
 
     def params(self) -> Params:
         """The user's trainable parameters (live references, so the meta-gradient reaches them)."""
@@ -202,6 +232,10 @@ class FunctionalModel:
         if self.frozen:
             named = dict(self.source.named_parameters())
             params = {**{k: named[k].detach() for k in self.frozen}, **params}
+        if self.channels_last is not None and (
+            self.channels_last == "any" or x.device.type == "cpu"
+        ):
+            x = to_channels_last(x)
         return functional_call(self.template, (params, buffers), (x,))
 
     def vmap_wrong_second_order(self) -> list[str]:
@@ -230,6 +264,38 @@ class FunctionalModel:
             if own and not isinstance(m, _VMAP_SAFE):
                 return False
         return True
+
+
+def _stock_conv2d_net(module: nn.Module) -> bool:
+    """A ``Conv2d`` inside, and nothing but ``torch.nn`` classes (no custom ``forward``)."""
+    mods = list(module.modules())
+    return any(isinstance(m, nn.Conv2d) for m in mods) and all(
+        type(m).__module__.startswith("torch.nn.") for m in mods
+    )
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """``x`` with NHWC strides that no kernel can read as NCHW; other tensors unchanged.
+
+    ``contiguous(memory_format=channels_last)`` leaves a one-channel image batch with NCHW
+    strides (both layouts are the same memory when C = 1), and oneDNN then picks NCHW for the
+    whole network. The same memory viewed with explicit NHWC strides removes the ambiguity.
+    Tensors under ``torch.func`` transforms, tensors that require grad and non-float or
+    non-4-D tensors are returned as they are.
+    """
+    if (
+        x.dim() != 4
+        or not x.is_floating_point()
+        or x.requires_grad
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or torch.compiler.is_compiling()
+    ):
+        return x
+    _, c, h, w = x.shape
+    x = x.contiguous(memory_format=torch.channels_last)
+    nhwc = (h * w * c, 1, w * c, c)
+    # Contiguous in NHWC already, so these strides address exactly the same elements.
+    return x if x.stride() == nhwc else x.as_strided(x.shape, nhwc)
 
 
 def _wrong_under_vmap_double_backward(m: nn.Module) -> bool:

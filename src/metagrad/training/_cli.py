@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from metagrad._errors import NonFiniteError
+from metagrad._perf import keep_freed_memory
 from metagrad.distributed import check_same_config, init_from_env
 from metagrad.tasks import DatasetError, derive_seed
 from metagrad.training._build import TEST_STREAM, make_sampler
@@ -179,6 +180,7 @@ def _finish(
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``metagrad train``."""
+    keep_freed_memory()  # long run: reuse activation pages instead of re-faulting them
     try:
         cfg = build_config(args)
         out = Path(args.output) if args.output else Path("runs") / f"{cfg.task}-{cfg.algorithm}"
@@ -216,6 +218,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``metagrad eval``."""
+    keep_freed_memory()
     try:
         overrides: dict[str, Any] = {}
         for dest, field in (("data", "data"), ("tasks", "eval_tasks"), ("shots", "eval_shots"),
