@@ -38,6 +38,7 @@ class Impl:
     unavailable: str | None = None  # reason, if the package cannot be used
     note: str = ""
     reference: bool = False  # the gate compares every same-order row against this one
+    images_only: bool = False  # only on image (4-D input) workloads
 
 
 def _optional(name: str) -> tuple[object | None, str | None]:
@@ -70,9 +71,20 @@ def _zero(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 # (a) plain per-task loop: functional_call + autograd.grad(create_graph=True), one backward
 # --------------------------------------------------------------------------------------------
-def plain_loop(model: nn.Module, wl: MetaWorkload, order: int = 2):
+def _same(x: Tensor) -> Tensor:
+    return x
+
+
+def plain_loop(
+    model: nn.Module,
+    wl: MetaWorkload,
+    order: int = 2,
+    prep: Callable[[Tensor], Tensor] | None = None,
+):
     loss_fn, lr, steps = wl.loss_fn, wl.inner_lr, wl.steps
     create = order == 2
+    if prep is None:
+        prep = _same
 
     def step(tasks: Tasks) -> Grads:
         xs, ys, xq, yq = tasks
@@ -83,10 +95,10 @@ def plain_loop(model: nn.Module, wl: MetaWorkload, order: int = 2):
         for i in range(T):
             fast = theta
             for _ in range(steps):
-                loss = loss_fn(functional_call(model, fast, (xs[i],)), ys[i])
+                loss = loss_fn(functional_call(model, fast, (prep(xs[i]),)), ys[i])
                 gs = torch.autograd.grad(loss, list(fast.values()), create_graph=create)
                 fast = {k: w - lr * g for (k, w), g in zip(fast.items(), gs)}
-            total = total + loss_fn(functional_call(model, fast, (xq[i],)), yq[i])
+            total = total + loss_fn(functional_call(model, fast, (prep(xq[i]),)), yq[i])
         (total / T).backward()
         return _grads_of(model)
 
@@ -95,6 +107,19 @@ def plain_loop(model: nn.Module, wl: MetaWorkload, order: int = 2):
 
 def plain_loop_fo(model: nn.Module, wl: MetaWorkload):
     return plain_loop(model, wl, order=1)
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """The image batch with explicit NHWC strides (C = 1 batches keep NCHW ones otherwise)."""
+    _, c, h, w = x.shape
+    return x.contiguous(memory_format=torch.channels_last).as_strided(
+        x.shape, (h * w * c, 1, w * c, c)
+    )
+
+
+def plain_loop_nhwc(model: nn.Module, wl: MetaWorkload):
+    """The plain loop hand-tuned with channels-last image batches (what metagrad does itself)."""
+    return plain_loop(model, wl, prep=_nhwc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,11 +276,19 @@ def func_vmap_fo(model: nn.Module, wl: MetaWorkload):
 # --------------------------------------------------------------------------------------------
 # (f) metagrad
 # --------------------------------------------------------------------------------------------
-def metagrad_factory(strategy: str, order: int = 2):
+def metagrad_factory(strategy: str, order: int = 2, memory_format: str = "auto"):
     def make(model: nn.Module, wl: MetaWorkload):
         from metagrad.algorithms import MAML
 
-        learner = MAML(model, wl.loss_fn, wl.inner_lr, wl.steps, order=order, strategy=strategy)
+        learner = MAML(
+            model,
+            wl.loss_fn,
+            wl.inner_lr,
+            wl.steps,
+            order=order,
+            strategy=strategy,
+            memory_format=memory_format,
+        )
 
         def step(tasks: Tasks) -> Grads:
             g = learner.meta_grad(*tasks)
@@ -302,6 +335,21 @@ def meta_impls() -> list[Impl]:
             note="learn2learn itself does not install on Python 3.11",
         ),
         Impl("hand-written torch.func vmap", False, 2, func_vmap),
+        Impl(
+            "plain loop, hand-tuned NHWC input",
+            False,
+            2,
+            plain_loop_nhwc,
+            note="the layout metagrad picks by default, applied by hand",
+            images_only=True,
+        ),
+        Impl(
+            "metagrad memory_format=preserve (NCHW)",
+            True,
+            2,
+            metagrad_factory("auto", memory_format="preserve"),
+            images_only=True,
+        ),
         Impl("metagrad strategy=loop", True, 2, metagrad_factory("loop")),
         Impl("metagrad strategy=vmap", True, 2, metagrad_factory("vmap")),
         Impl("metagrad strategy=auto", True, 2, metagrad_factory("auto")),

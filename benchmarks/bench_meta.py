@@ -126,7 +126,12 @@ def make_step(
 def impls_for(wl: Workload) -> list[Impl]:
     if isinstance(wl, DerivWorkload):
         return deriv_impls(wl)
-    return [i for i in meta_impls() if i.order == 2 or not wl.second_order_only]
+    images = wl.build(torch.float32)[1][0].dim() == 5  # (tasks, batch, C, H, W)
+    return [
+        i
+        for i in meta_impls()
+        if (i.order == 2 or not wl.second_order_only) and (images or not i.images_only)
+    ]
 
 
 def _flat(out: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 import metagrad as mg
 from metagrad.functional import FunctionalModel
-from metagrad.functional._model import to_channels_last
+from metagrad.functional._model import pool_before_relu, to_channels_last
 
 F64 = torch.float64
 
@@ -109,3 +109,22 @@ def test_channels_last_meta_gradient_equals_nchw_in_float64(steps: int) -> None:
         got = grads["channels_last"][name]
         assert want is not None and got is not None
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_pool_before_relu_swaps_pairs_and_keeps_the_function() -> None:
+    torch.manual_seed(1)
+    model = MODELS["conv_bn"]().train()
+    fm = FunctionalModel.from_module(model, memory_format="preserve")
+    kinds = [type(m).__name__ for m in fm.template]
+    assert kinds[:4] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
+    assert kinds[4:8] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
+    assert [type(m).__name__ for m in model][2:4] == ["ReLU", "MaxPool2d"]  # user's untouched
+    x = torch.randn(6, 1, 8, 8, dtype=F64)
+    torch.testing.assert_close(fm.forward(fm.params(), fm.buffers(), x), model(x))
+
+
+def test_pool_before_relu_leaves_hooked_modules_alone() -> None:
+    model = MODELS["conv_bn"]()
+    model[2].register_forward_hook(lambda m, i, o: None)
+    assert pool_before_relu(model) == 1  # only the second block's pair
+    assert type(model[2]) is nn.ReLU and type(model[6]) is nn.MaxPool2d

@@ -30,6 +30,7 @@ the convolutions changes).
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagrad._typing import Buffers, Params
+from metagrad.functional._fastbn import use_batch_stats_norm
 
 BN_POLICIES = ("transductive", "running")
 MEMORY_FORMATS = ("auto", "channels_last", "preserve")
@@ -165,11 +167,15 @@ class FunctionalModel:
         frozen = [k for k, p in named.items() if not p.requires_grad]
         buffer_names = [k for k, _ in module.named_buffers() if k not in dropped]
         pairs = list(zip(module.modules(), template.modules()))
+        pool_before_relu(template)  # after pairing: it reorders the template's modules
         fm = cls(module, template, trainable, frozen, buffer_names, bn, pairs)
         if memory_format == "channels_last":
             fm.channels_last = "any"
         elif memory_format == "auto" and _stock_conv2d_net(module):
             fm.channels_last = "cpu"
+        if fm.channels_last is not None:
+            # PyTorch's BatchNorm double backward is ~20x slow on NHWC (see _fastbn).
+            use_batch_stats_norm(template)
         return fm
 
     def params(self) -> Params:
@@ -246,7 +252,7 @@ class FunctionalModel:
         """
         return [
             type(m).__name__
-            for m in self.template.modules()
+            for m in self.source.modules()  # the user's classes (the template may swap some)
             if _wrong_under_vmap_double_backward(m)
         ]
 
@@ -264,6 +270,38 @@ class FunctionalModel:
             if own and not isinstance(m, _VMAP_SAFE):
                 return False
         return True
+
+
+def pool_before_relu(module: nn.Module) -> int:
+    """Swap every ``ReLU -> MaxPool`` pair of an ``nn.Sequential`` to ``MaxPool -> ReLU``.
+
+    ``max(relu(a)) = relu(max(a))`` because ReLU is non-decreasing, and the derivatives agree
+    wherever they exist (at a tie on 0 both give 0), so the function and its meta-gradient
+    are unchanged while the ReLU, its backward and its double backward touch a quarter of the
+    elements (2x2 pool). Pairs with hooks (which would see other tensors) are left alone.
+    Returns the number of swaps.
+    """
+    swaps = 0
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for a, b in itertools.pairwise(keys):
+            relu, pool = seq._modules[a], seq._modules[b]
+            if (
+                type(relu) is nn.ReLU
+                and isinstance(pool, nn.modules.pooling._MaxPoolNd)
+                and not pool.return_indices
+                and not _has_hooks(relu)
+                and not _has_hooks(pool)
+            ):
+                seq._modules[a], seq._modules[b] = pool, relu
+                swaps += 1
+    return swaps
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
 
 
 def _stock_conv2d_net(module: nn.Module) -> bool:
