@@ -534,15 +534,16 @@ def metagrad_notes(wl: Workload, impls: list[Impl], rows: list[Row]) -> None:
     if not isinstance(wl, MetaWorkload):
         return
     from metagrad.algorithms import MAML
+    from metagrad.functional._meta import resolve_strategy
 
     model, _ = wl.build(torch.float32)
     learner = MAML(copy.deepcopy(model), wl.loss_fn, wl.inner_lr, wl.steps)
-    chosen = "vmap" if learner.fmodel.vmap_safe() else "loop"
+    chosen = resolve_strategy("auto", learner.fmodel, "bench", 2, torch.device("cpu"))
     for impl, row in zip(impls, rows):
         if impl.is_metagrad and "auto" in impl.name:
             row.note = f"auto resolves to strategy={chosen!r} on this model"
         elif impl.is_metagrad and "vmap" in impl.name and chosen != "vmap":
-            row.note = "forced; the model is not vmap-safe (auto picks the loop)"
+            row.note = "forced; auto picks the loop on this model"
         elif impl.note:
             row.note = impl.note
     return

@@ -21,7 +21,7 @@ from metagrad._typing import LossFn, Params
 from metagrad.algorithms._base import Learner, Selector, check_lr, check_steps
 from metagrad.functional._inner import InnerSpec
 from metagrad.functional._meta import AttachGrad, MetaResult, meta_gradient, resolve_strategy
-from metagrad.functional._model import norm_module_names, select_names
+from metagrad.functional._model import dtype_device, norm_module_names, select_names
 from metagrad.functional._optim import LR, InnerOptimizer, make_inner_optimizer
 
 LEARN_LR = (None, "per_param", "per_step")
@@ -154,11 +154,13 @@ class MAML(Learner):
                 f"{fn}: compile={compile!r} must be True/False or a torch.compile backend name."
             )
         self.use_compile = compile
-        if compile and resolve_strategy(strategy, self.fmodel, fn, order) != "vmap":
+        device = dtype_device(self.fmodel.params())[1]
+        if compile and resolve_strategy(strategy, self.fmodel, fn, order, device) != "vmap":
             raise ValueError(
                 f"{fn}: compile=True needs the vmap strategy, but this model runs with the per-task "
-                f"loop (norm layers, RNNs or custom layers, or strategy={strategy!r}). Use "
-                f"compile=False: torch.compile measured no speed-up on the loop of a conv+BN net."
+                f"loop (norm layers, RNNs, custom layers, conv nets on CPU, or "
+                f"strategy={strategy!r}). Use compile=False: torch.compile measured no speed-up "
+                f"on the loop of a conv net."
             )
         resolve_strategy(strategy, self.fmodel, fn, order)
         self.allow_unused = bool(allow_unused)
