@@ -446,10 +446,13 @@ def correct_cell(row: Row) -> str:
 
 def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     invalid = any(r.status == "WRONG" and r.median_ms is not None for r in rows)
-    head = ["impl", "correct? (rel err)", "median ms", "IQR ms", "ratio vs best peer", "peak MB"]
+    head = ["impl", "correct? (rel err)", "median ms", "IQR ms", "ratio vs best peer"]
+    head += ["vs reference row", "peak MB"]
     if invalid:
         head.append("invalid ms (failed gate)")
     body = []
+    # Meta-step workloads: the reference row of each order is the plain (create_graph) loop.
+    refs = {r.order: r.median_ms for r in rows if r.status == "reference" and r.median_ms}
     for r in rows:
         name = ("**" + r.impl + "**") if r.metagrad else r.impl
         timed = r.valid and r.median_ms is not None
@@ -459,6 +462,9 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
             fmt_ms(r.median_ms) if timed else "—",
             fmt_ms(r.iqr_ms) if timed else "—",
             f"{r.ratio:.2f}x" if r.ratio is not None else "—",
+            f"{r.median_ms / refs[r.order]:.2f}x"
+            if timed and r.median_ms is not None and r.order in refs
+            else "—",
             f"{r.peak_mb:.1f}" if r.peak_mb is not None else "—",
         ]
         if invalid:
