@@ -17,3 +17,10 @@ def test_keep_freed_memory_applies_on_glibc_and_is_idempotent() -> None:
     # Allocation still works after it: large blocks now come from the heap.
     x = torch.ones(75, 64, 28, 28)
     assert float(x.sum()) == 75 * 64 * 28 * 28
+
+
+def test_keep_freed_memory_is_public() -> None:
+    import metagrad as mg
+
+    assert mg.keep_freed_memory is keep_freed_memory
+    assert "keep_freed_memory" in mg.__all__

@@ -10,7 +10,9 @@ The public surface, explicitly:
 * differentiable inner optimizers: :class:`SGD`, :class:`Momentum`, :class:`Adam`;
 * verification: :func:`check_meta_gradient` / :class:`CheckReport` (``metagrad check``);
 * the seeds' toy: :func:`linear_toy` (``metagrad explain``);
-* errors: :class:`NonFiniteError`.
+* errors: :class:`NonFiniteError`;
+* process setting for long CPU runs: :func:`keep_freed_memory` (glibc keeps freed activation
+  pages; ``metagrad train`` calls it).
 
 Optional subpackages, imported on demand: ``metagrad.viz`` (graphs, traces),
 ``metagrad.compat.learn2learn`` (drop-in learn2learn API), ``metagrad.models``.
@@ -19,6 +21,7 @@ Optional subpackages, imported on demand: ``metagrad.viz`` (graphs, traces),
 from __future__ import annotations
 
 from metagrad._errors import NonFiniteError
+from metagrad._perf import keep_freed_memory
 from metagrad.algorithms import ANIL, IMAML, MAML, MAMLpp, MetaSGD, Reptile
 from metagrad.check import CheckReport, check_meta_gradient
 from metagrad.derivatives import grad_norm_penalty, hessian, hvp, jacobian, nth_derivative
@@ -46,6 +49,7 @@ __all__ = [
     "hessian",
     "hvp",
     "jacobian",
+    "keep_freed_memory",
     "linear_toy",
     "nth_derivative",
 ]

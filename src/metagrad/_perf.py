@@ -21,6 +21,14 @@ def keep_freed_memory() -> bool:
     trim thresholds to 32 MiB keeps those pages in the heap for the next step: a conv-4
     second-order meta-step measured 10-20% faster on one CPU thread. The process keeps its
     peak heap instead of shrinking after it. Returns False (and does nothing) off glibc.
+
+    Measured here (2-core AMD EPYC, 1 thread, conv-4 + BN 5-way 1-shot, 8 tasks, second
+    order): 517-553 ms per meta-step in a fresh script without it, 419 ms with it.
+
+    Example::
+
+        import metagrad as mg
+        mg.keep_freed_memory()  # once, at the start of a training script
     """
     if not sys.platform.startswith("linux"):
         return False

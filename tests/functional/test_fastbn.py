@@ -52,6 +52,21 @@ def test_double_backward_equals_native_batch_norm(layout: str) -> None:
     torch.testing.assert_close(out, F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5))
 
 
+@pytest.mark.parametrize("grad_layout", ["nchw", "nhwc"])
+def test_plain_backward_of_nhwc_input_with_either_gradient_layout(grad_layout: str) -> None:
+    # An NCHW gradient against an NHWC input is made NHWC before the native kernel (speed);
+    # the values must not change.
+    x, w, b = _inputs((5, 4, 6, 6))
+    x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(5, 4, 6, 6, dtype=F64, generator=torch.Generator().manual_seed(1))
+    if grad_layout == "nhwc":
+        g = g.contiguous(memory_format=torch.channels_last)
+    want = torch.autograd.grad(F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5), (x, w, b), g)
+    got = torch.autograd.grad(batch_stats_norm(x, w, b, 1e-5), (x, w, b), g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 def test_template_layers_swapped_only_for_channels_last() -> None:
     fast = FunctionalModel.from_module(MODELS["conv_bn"](), memory_format="channels_last")
     slow = FunctionalModel.from_module(MODELS["conv_bn"](), memory_format="preserve")

@@ -39,6 +39,14 @@ class _BatchStatsNormFn(torch.autograd.Function):
         x, weight, mean, rstd = ctx.saved_tensors
         if not torch.is_grad_enabled():  # plain backward: the native kernel
             mask = list(ctx.needs_input_grad[:3])
+            if (
+                x.dim() == 4
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and not g.is_contiguous(memory_format=torch.channels_last)
+            ):
+                # An NCHW gradient (max-pool's double backward gathers into NCHW) against an
+                # NHWC input sends the native kernel down a ~7x slower mixed-layout path.
+                g = g.contiguous(memory_format=torch.channels_last)
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 g, x, weight, None, None, mean, rstd, True, ctx.eps, mask
             )
