@@ -133,6 +133,18 @@ def test_check_finite_false_lets_nan_through() -> None:
     assert torch.isnan(learner.meta_loss(xs, ys, xq, yq))
 
 
+def test_vmap_finiteness_check_with_a_parameter_frozen_after_building() -> None:
+    # The vmapped meta-gradient returns one finiteness flag per gradient, including one for a
+    # parameter frozen after the learner was built (its gradient is returned as None); only the
+    # flags of returned gradients decide, so a finite result passes the check.
+    model = MODELS["mlp"]()
+    learner = MAML(model, F.mse_loss, 0.1, 1, strategy="vmap")
+    model[0].weight.requires_grad_(False)
+    grads = learner.meta_grad(*tasks("mlp", T=3))
+    assert grads["module.0.weight"] is None
+    assert all(bool(torch.isfinite(g).all()) for g in grads.values() if g is not None)
+
+
 class InPlace(nn.Module):
     """sigmoid saves its output for backward; mul_ then overwrites it."""
 

@@ -199,11 +199,12 @@ def _check_reaches_support(
 
 def _vmap_fn(
     fm: FunctionalModel, loss_fn: LossFn, spec: InnerSpec, need_grad: bool
-) -> Callable[..., tuple[Params, Params, Tensor, Tensor, Tensor]]:
+) -> Callable[..., tuple[Params, Params, Tensor, Tensor, Tensor | None]]:
     """``(theta, extra, buffers, xs, ys, xq, yq) -> (g_theta, g_extra, loss, per_task, finite)``.
 
     ``finite`` holds one flag per output: ``per_task``, then each gradient in order. Computed
-    inside the (compiled) function, where it fuses, instead of ~16 small ops after it.
+    inside the (compiled) function, where it fuses, instead of ~16 small ops after it; ``None``
+    when ``spec.check_finite`` is off (nobody reads it).
     """
     backend = FuncBackend(spec)
 
@@ -218,17 +219,21 @@ def _vmap_fn(
 
     def fn(
         th: Params, ex: Params, bufs: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor
-    ) -> tuple[Params, Params, Tensor, Tensor, Tensor]:
+    ) -> tuple[Params, Params, Tensor, Tensor, Tensor | None]:
         def mean_loss(t: Params, e: Params) -> tuple[Tensor, Tensor]:
             per_task = batched(t, e, bufs, xs, ys, xq, yq)
             return per_task.mean(), per_task.detach()
 
-        if not need_grad:
+        g_th: Params = {}
+        g_ex: Params = {}
+        if need_grad:
+            (g_th, g_ex), (loss, per_task) = torch.func.grad_and_value(
+                mean_loss, argnums=(0, 1), has_aux=True
+            )(th, ex)
+        else:
             loss, per_task = mean_loss(th, ex)
-            return {}, {}, loss, per_task, per_task.isfinite().all().reshape(1)
-        (g_th, g_ex), (loss, per_task) = torch.func.grad_and_value(
-            mean_loss, argnums=(0, 1), has_aux=True
-        )(th, ex)
+        if not spec.check_finite:
+            return g_th, g_ex, loss, per_task, None
         outs = [per_task, *g_th.values(), *g_ex.values()]
         finite = torch.stack([o.isfinite().all() for o in outs])
         return g_th, g_ex, loss, per_task, finite
@@ -275,7 +280,7 @@ def meta_vmap(
             **{f"extra:{k}": (g if extra[k].requires_grad else None) for k, g in g_ex.items()},
         }
     res = MetaResult(loss.detach(), grads, per_task)
-    if spec.check_finite and not _flags_ok(
+    if finite is not None and not _flags_ok(
         finite, [True, *(g is not None for g in grads.values())]
     ):
         # vmap cannot branch on data: re-run per task to name the task and step.
