@@ -68,6 +68,8 @@ def _worker(rank: int, world: int, init: str, out_dir: str, T: int, mode: str) -
                 check_same_config({"lr": 0.1 if rank == 0 else 0.2})
             except RuntimeError as err:
                 Path(out_dir, f"rank{rank}.err").write_text(str(err))
+        elif mode in ("skip", "raise"):
+            _nan_run(rank, out_dir, T, mode)
         elif mode == "dead":
             if rank == 1:
                 os._exit(0)  # dies without taking part
@@ -83,6 +85,42 @@ def _worker(rank: int, world: int, init: str, out_dir: str, T: int, mode: str) -
     # ("terminate called without an active exception", no Python frame; 3 in 10 runs on the
     # 2-core EPYC), after its results are written. Errors above still propagate to spawn.
     os._exit(0)
+
+
+def _poisoned_trainer(T: int, policy: str):  # type: ignore[no-untyped-def]
+    """A 4-iteration sinusoid Trainer whose 2nd meta-batch has a NaN in its last task only."""
+    from metagrad.training import Trainer, preset
+
+    cfg = preset("sinusoid").replace(
+        iterations=4, meta_batch=T, val_every=100, log_every=100, nan_policy=policy
+    )
+    t = Trainer(cfg, None, progress=False)
+    sampler, calls = t.samplers["train"], {"n": 0}
+    orig = sampler.sample
+
+    def sample(n: int):  # type: ignore[no-untyped-def]
+        batch = orig(n)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            xs = batch.xs.clone()
+            xs[T - 1, 0] = float("nan")  # the last task: in rank 1's shard only
+            batch = batch._replace(xs=xs)
+        return batch
+
+    sampler.sample = sample  # type: ignore[method-assign]
+    return t
+
+
+def _nan_run(rank: int, out_dir: str, T: int, policy: str) -> None:
+    t = _poisoned_trainer(T, policy)
+    try:
+        t.train()
+    except mg.NonFiniteError as err:
+        Path(out_dir, f"rank{rank}.err").write_text(f"{err.task} {err.step} {err}")
+        return
+    state = {k: v.detach().clone() for k, v in t.learner.state_dict().items()}
+    torch.save({"params": state, "skipped": t.skipped, "iteration": t.iteration},
+               Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
 
 
 def _spawn(T: int, mode: str) -> Path:
@@ -132,3 +170,25 @@ def test_mismatched_configs_are_detected() -> None:
 def test_a_dead_rank_gives_an_error_not_a_hang() -> None:
     out = _spawn(4, "dead")
     assert (out / "rank0.err").exists()
+
+
+def test_nan_skip_is_collective_replicas_stay_identical() -> None:
+    """A NaN in rank 1's shard only: both ranks skip the same meta-batch (issue 24, item 1)."""
+    T = 4
+    out = _spawn(T, "skip")
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["skipped"] == r1["skipped"] == 1 and r0["iteration"] == r1["iteration"] == 4
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k  # bitwise: the replicas never diverge
+    single = _poisoned_trainer(T, "skip")
+    single.train()
+    assert single.skipped == 1
+    for k, v in single.learner.state_dict().items():  # and they follow the single-process run
+        assert torch.allclose(r0["params"][k], v, rtol=1e-5, atol=1e-6), k
+
+
+def test_nan_raise_is_collective_both_ranks_name_the_task() -> None:
+    out = _spawn(4, "raise")
+    for r in (0, 1):
+        task, step, msg = (out / f"rank{r}.err").read_text().split(" ", 2)
+        assert (task, step) == ("3", "0"), msg  # the task index in the whole meta-batch

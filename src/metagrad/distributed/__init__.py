@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from metagrad.distributed._dist import (
+    DistributedError,
+    any_rank,
     check_same_config,
     distributed_meta_loss,
     init_from_env,
@@ -11,6 +13,8 @@ from metagrad.distributed._dist import (
 )
 
 __all__ = [
+    "DistributedError",
+    "any_rank",
     "check_same_config",
     "distributed_meta_loss",
     "init_from_env",

@@ -11,6 +11,7 @@ PyTorch's own collectives do the communication (gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from metagrad._errors import NonFiniteError
 from metagrad.algorithms._maml import MAML
 from metagrad.functional._meta import MetaResult
 
@@ -51,18 +53,76 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# Collective timeout of the group joined by init_from_env (None: set by someone else).
+_timeout_s: float | None = None
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another rank died, hung, or timed out; the message names which."""
+
+
+def _all_reduce(t: Tensor, what: str, op: Any = None) -> None:
+    """``dist.all_reduce`` whose failure says what happened instead of gloo's raw text."""
+    try:
+        if op is None:
+            dist.all_reduce(t)
+        else:
+            dist.all_reduce(t, op=op)
+    except RuntimeError as err:  # gloo/NCCL raise RuntimeError (DistBackendError) subclasses
+        raise DistributedError(_explain_collective_error(what, err)) from err
+
+
+def _explain_collective_error(what: str, err: BaseException) -> str:
+    raw = " ".join(str(err).split()) or type(err).__name__
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    low = raw.lower()
+    waited = f"{_timeout_s:g} s" if _timeout_s is not None else "the process group's timeout"
+    if "timed out" in low or "timeout" in low:
+        cause = (
+            f"another rank did not take part within {waited} (it hung, was stopped, or is far "
+            f"slower). Fix: look at that rank's log; raise --dist-timeout only if the ranks are "
+            f"merely slow"
+        )
+    elif "closed" in low or "reset" in low or "broken pipe" in low or "refused" in low:
+        cause = "another rank died (its connection closed). Fix: look at that rank's log"
+    else:
+        cause = "the collective failed. Fix: look at the other ranks' logs"
+    return (
+        f"metagrad.distributed: rank {rank} stopped in {what}: {cause}; resume from the last "
+        f"checkpoint with --resume. The backend said: {raw[:300]}"
+    )
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one small all-reduce; no group: flag)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    _all_reduce(t, "agreeing on a stop request", op=dist.ReduceOp.MAX)
+    return bool(int(t) > 0)
+
+
 def init_from_env(backend: str | None = None, timeout_s: float = 300.0) -> tuple[int, int]:
     """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``...).
 
-    Returns ``(rank, world_size)``; ``(0, 1)`` when not launched by torchrun. The timeout makes
-    the other ranks fail with an error instead of hanging when one rank dies.
+    Returns ``(rank, world_size)``; ``(0, 1)`` when not launched by torchrun. ``timeout_s`` bounds
+    every collective (``metagrad train --dist-timeout``, 60 s by default there): a rank that dies
+    or hangs makes the others fail with a :class:`DistributedError` naming the cause instead of
+    waiting forever.
     """
+    global _timeout_s
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(
+            f"metagrad.distributed.init_from_env: timeout_s={timeout_s!r} must be a number of "
+            f"seconds > 0."
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s))
+        _timeout_s = float(timeout_s)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -76,9 +136,12 @@ def check_same_config(config: dict[str, Any]) -> None:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).digest()[:8]
     mine = torch.tensor(list(digest), dtype=torch.int64)
     ref = mine.clone()
-    dist.broadcast(ref, src=0)
+    try:
+        dist.broadcast(ref, src=0)
+    except RuntimeError as err:
+        raise DistributedError(_explain_collective_error("comparing the configs", err)) from err
     same = torch.tensor([int(torch.equal(mine, ref))], dtype=torch.int64)
-    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    _all_reduce(same, "comparing the configs", op=dist.ReduceOp.MIN)
     if int(same) != 1:
         raise RuntimeError(
             f"metagrad.distributed: rank {dist.get_rank()} was started with a configuration that "
@@ -94,6 +157,11 @@ def distributed_meta_loss(learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq:
     the exact single-process meta-gradient (mean over all ``T`` tasks) into ``.grad`` on every
     rank, so identical optimizer steps keep the replicas identical. Without an initialised
     multi-rank group it is ``learner.meta_loss``.
+
+    A NaN/Inf in one rank's shard is agreed on by all ranks: the same all-reduce carries a
+    status flag per rank, and every rank raises :class:`metagrad.NonFiniteError` (naming the
+    task index in the whole meta-batch and the inner step), so a skip or a stop is collective
+    and the replicas never pair different iterations.
     """
     if not is_distributed():
         return learner.meta_loss(xs, ys, xq, yq)
@@ -106,28 +174,61 @@ def distributed_meta_loss(learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq:
     T = int(xs.shape[0])
     start, stop = shard_bounds(T, rank, world)
     need_grad = torch.is_grad_enabled()
-    res = learner.meta_result(
-        xs[start:stop], ys[start:stop], xq[start:stop], yq[start:stop], need_grad=need_grad
-    )
-    w = (stop - start) / T
-    keys = sorted(res.grads)
-    dtype = res.loss.dtype
-    parts = [(res.loss * w).reshape(1).to(dtype)]
     like = {
         **{f"theta:{k}": v for k, v in learner.fmodel.params().items()},
         **{f"extra:{k}": v for k, v in learner.extra_params().items()},
     }
-    for k in keys:
-        g = res.grads[k]
-        parts.append((torch.zeros_like(like[k]) if g is None else g * w).reshape(-1).to(dtype))
+    failure: NonFiniteError | None = None
+    res: MetaResult | None = None
+    try:
+        res = learner.meta_result(
+            xs[start:stop], ys[start:stop], xq[start:stop], yq[start:stop], need_grad=need_grad
+        )
+    except NonFiniteError as err:  # agreed on below, with the other ranks
+        failure = err
+    # The bucket's layout depends only on the model, never on this rank's outcome.
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in like.values()])
+    keys = sorted(like) if need_grad else []
+    w = (stop - start) / T
+    # status: [failed per rank | 1 + global task index | 1 + inner step] (0: none / unknown)
+    status = torch.zeros(3 * world, dtype=dtype)
+    parts = [torch.zeros(1, dtype=dtype), status]
+    if failure is not None:
+        status[rank] = 1
+        status[world + rank] = 0 if failure.task is None else start + failure.task + 1
+        status[2 * world + rank] = 0 if failure.step is None else failure.step + 1
+        parts += [torch.zeros(like[k].numel(), dtype=dtype) for k in keys]
+    else:
+        assert res is not None
+        parts[0] = (res.loss * w).reshape(1).to(dtype)
+        for k in keys:
+            g = res.grads.get(k)
+            parts.append((torch.zeros_like(like[k]) if g is None else g * w).reshape(-1).to(dtype))
     bucket = torch.cat(parts)
-    dist.all_reduce(bucket)  # one bucket: the loss and every gradient
+    _all_reduce(bucket, "the meta-gradient all-reduce")  # one bucket: loss, status, gradients
+    failed = [r for r in range(world) if float(bucket[1 + r]) > 0]
+    if failed:
+        fn = str(getattr(learner, "fn_name", "metagrad.distributed_meta_loss"))
+        if failure is not None:  # this rank's own error, with the task index in the whole batch
+            task = None if failure.task is None else start + failure.task
+            raise NonFiniteError(fn, failure.where, task, failure.step) from failure
+        r = failed[0]
+        task_code = int(bucket[1 + world + r])
+        step_code = int(bucket[1 + 2 * world + r])
+        raise NonFiniteError(
+            fn,
+            f"shard of rank {r} (every rank skips or stops on this meta-batch)",
+            task_code - 1 if task_code else None,
+            step_code - 1 if step_code else None,
+        )
+    assert res is not None
     loss = bucket[0]
     grads: dict[str, Tensor | None] = {}
-    offset = 1
+    offset = 1 + 3 * world
     for k in keys:
         n = like[k].numel()
-        grads[k] = bucket[offset : offset + n].view_as(like[k]).to(like[k].dtype)
+        if k in res.grads:
+            grads[k] = bucket[offset : offset + n].view_as(like[k]).to(like[k].dtype)
         offset += n
     reduced = MetaResult(loss.to(res.loss.dtype), grads, res.per_task)
     if not need_grad:
