@@ -1,0 +1,223 @@
+r"""Reverse mode without the inner loop's graph: a backward chain of vector-Jacobian products.
+
+For an inner loop :math:`(w_{k+1}, s_{k+1}) = F_k(w_k, s_k; \phi)` (parameters :math:`w`,
+optimizer state :math:`s`, hyperparameters :math:`\phi`) and objective
+:math:`\sum_k c_k\, g(w_k; \phi)`, reverse mode runs backwards over the steps with adjoints
+:math:`(v_k, u_k)`:
+
+.. math::
+    v_K = c_K \nabla_w g(w_K),\qquad
+    (v_k, u_k, \bar\phi) \mathrel{+}=
+      \Bigl(\frac{\partial F_k}{\partial (w_k, s_k, \phi)}\Bigr)^{\!\top} (v_{k+1}, u_{k+1})
+      + c_k \nabla g(w_k),\qquad \frac{dG}{dw_0} = v_0 .
+
+For SGD :math:`F_k(w) = w - a_k \nabla f(w)`, so a step is :math:`v_k = (I - a_k H_k) v_{k+1}`,
+one Hessian-vector product at the stored iterate :math:`w_k`, and
+:math:`\partial G/\partial a_k = -v_{k+1}\cdot\nabla f(w_k)`.
+
+Only the iterates :math:`(w_k, s_k)` are stored, never the activations of the unrolled loop:
+each step's graph is rebuilt from :math:`w_k`, used for one VJP and freed. ``every=m`` keeps only
+every ``m``-th iterate and recomputes each segment when the backward pass reaches it
+(``strategy="checkpoint"``, :math:`m = \lceil\sqrt K\rceil`: :math:`O(\sqrt K)` copies for one
+more forward pass of the inner loop). Both equal the unrolled loop to rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from metagrad._errors import check_finite
+from metagrad._typing import Params
+from metagrad.bilevel._foreign import foreign_leaves
+from metagrad.bilevel._inner import AutogradBackend, batch_at, inner_step, resolved_optimizer
+from metagrad.bilevel._problem import HyperGrad, Problem
+from metagrad.bilevel._tree import Flat, accumulate, count_problems, index
+
+
+def _fresh(x: Any) -> Any:
+    """A leaf copy (sharing storage) that requires grad where ``x`` does."""
+    if not isinstance(x, Tensor):
+        return x
+    return x.detach().requires_grad_(x.requires_grad and x.is_floating_point())
+
+
+def adjoint(
+    problem: Problem,
+    flat: Flat,
+    inner_data: Any,
+    outer_data: Any,
+    *,
+    batched: bool,
+    every: int | None = None,
+) -> HyperGrad:
+    """Mean outer objective and its exact gradient by the backward VJP chain, per problem."""
+    P = count_problems(problem.name, inner_data, outer_data) if batched else 1
+    totals: dict[int, Tensor | None] = {}
+    losses = []
+    foreign: list[Tensor] | None = None
+    foreign_tot: list[Tensor | None] = []
+    for i in range(P):
+        di = index(inner_data, i) if batched else inner_data
+        do = index(outer_data, i) if batched else outer_data
+        obj, gs, fgs, found = _one_problem(
+            problem, flat, di, do, i if batched else None, every, foreign
+        )
+        if foreign is None:
+            foreign, foreign_tot = found, [None] * len(found)
+        losses.append(obj)
+        for j, g in gs.items():
+            accumulate(totals, j, None if g is None else g / P)
+        for j, g in enumerate(fgs):
+            if g is not None:
+                prev = foreign_tot[j]
+                foreign_tot[j] = g / P if prev is None else prev + g / P
+    per = torch.stack(losses)
+    pairs = [(t, g) for t, g in zip(foreign or [], foreign_tot) if g is not None]
+    name = "adjoint" if every is None else "checkpoint"
+    return HyperGrad(per.mean(), per, flat.grads(totals), pairs, strategy=name)
+
+
+def _one_problem(
+    problem: Problem,
+    flat: Flat,
+    inner_data: Any,
+    outer_data: Any,
+    at: int | None,
+    every: int | None,
+    known_foreign: list[Tensor] | None,
+) -> tuple[Tensor, dict[int, Tensor | None], list[Tensor | None], list[Tensor]]:
+    K = problem.steps
+    n0 = flat.n_w0
+    # phi: leaf copies of the hyperparameters (and optimizer hyperparameters); w0 detached.
+    leaves = [x.detach() if isinstance(x, Tensor) else x for x in flat.leaves[:n0]]
+    leaves += [_fresh(x) for x in flat.leaves[n0:]]
+    mp = flat.rebuild(leaves, at=list(range(len(leaves))))
+    phi_idx = [j for j in flat.wrt if j >= n0]
+    phi = [leaves[j] for j in phi_idx]
+    w0_names = list(mp.w0)
+    w0_idx = {n: j for j, n in enumerate(w0_names) if j in set(flat.wrt)}
+    h, opt_h = mp.h, mp.opt
+    optimizer = resolved_optimizer(problem, opt_h)
+    grads: dict[int, Tensor | None] = {}
+    foreign = [] if known_foreign is None else list(known_foreign)
+    foreign_g: list[Tensor | None] = [None] * len(foreign)
+    search = known_foreign is None  # look for closed-over leaves in the first graphs only
+
+    fwd = AutogradBackend(dataclasses.replace(problem, check_finite=False), at, False)
+    fwd_checked = AutogradBackend(problem, at, False)
+
+    def advance(w: Params, s: Any, k: int, backend: AutogradBackend) -> tuple[Params, Any]:
+        with torch.enable_grad():
+            a = {n: v.detach().requires_grad_() for n, v in w.items()}
+            new, new_s, _ = inner_step(
+                problem, optimizer, backend, a, h, s, k, batch_at(problem, inner_data, k)
+            )
+        return {n: v.detach() for n, v in new.items()}, pytree.tree_map(_det, new_s)
+
+    stride = 1 if every is None else max(1, every)
+    w: Params = {n: v.detach() for n, v in mp.w0.items()}
+    state = optimizer.init(w)
+    stored: dict[int, tuple[Params, Any]] = {}
+    for k in range(K):
+        if k % stride == 0:
+            stored[k] = (w, state)
+        w, state = advance(w, state, k, fwd_checked)
+    stored[K] = (w, state)
+    segment: dict[int, tuple[Params, Any]] = {}
+
+    def iterate(k: int) -> tuple[Params, Any]:
+        if k in stored:
+            return stored[k]
+        if k not in segment:
+            segment.clear()  # one segment at a time: O(K / every + every) copies
+            base = (k // stride) * stride
+            w_, s_ = stored[base]
+            for j in range(base + 1, min(base + stride, K)):
+                w_, s_ = advance(w_, s_, j - 1, fwd)
+                segment[j] = (w_, s_)
+        return segment[k]
+
+    def add_phi(gs: tuple[Tensor | None, ...]) -> None:
+        for j, g in zip(phi_idx, gs[: len(phi)]):
+            accumulate(grads, j, g)
+        for j, g in enumerate(gs[len(phi) :]):
+            if g is not None:
+                prev = foreign_g[j]
+                foreign_g[j] = g if prev is None else prev + g
+
+    def discover(roots: list[Tensor], known: list[Any]) -> None:
+        nonlocal foreign_g
+        if not search:
+            return
+        new = foreign_leaves(roots, [*flat.leaves, *leaves, *known, *foreign])
+        foreign.extend(new)
+        foreign_g = foreign_g + [None] * len(new)
+
+    sample = next(iter(w.values()), None)
+    objective = torch.zeros((), dtype=sample.dtype if sample is not None else torch.float32)
+    v: Params = {n: torch.zeros_like(x) for n, x in w.items()}
+    u_leaves = [torch.zeros_like(x) for x in pytree.tree_leaves(state) if isinstance(x, Tensor)]
+    back = AutogradBackend(problem, at, create_graph=problem.order == 2)
+    for k in range(K, -1, -1):
+        w_k = iterate(k)[0]
+        c = problem.weight(k)
+        if c != 0.0:
+            with torch.enable_grad():
+                a = {n: x.detach().requires_grad_() for n, x in w_k.items()}
+                q = problem.call_outer(a, h, outer_data, k)
+                if problem.check_finite:
+                    check_finite(problem.name, q, problem.outer_name, at, None)
+                discover([q], list(a.values()))
+                gs = (
+                    torch.autograd.grad(c * q, [*a.values(), *phi, *foreign], allow_unused=True)
+                    if q.requires_grad
+                    else (None,) * (len(a) + len(phi) + len(foreign))
+                )
+            objective = objective + c * q.detach()
+            for n, g in zip(a, gs[: len(a)]):
+                if g is not None:
+                    v[n] = v[n] + g
+            add_phi(gs[len(a) :])
+        if k == 0:
+            break
+        # Backward through step k-1: rebuild its graph from the stored iterate, one VJP, free it.
+        w_prev, s_prev = iterate(k - 1)
+        with torch.enable_grad():
+            a = {n: x.detach().requires_grad_() for n, x in w_prev.items()}
+            s_flat, s_spec = pytree.tree_flatten(s_prev)
+            s_in = [x.detach().requires_grad_() if isinstance(x, Tensor) else x for x in s_flat]
+            s = pytree.tree_unflatten(s_in, s_spec)
+            new, new_s, _ = inner_step(
+                problem, optimizer, back, a, h, s, k - 1, batch_at(problem, inner_data, k - 1)
+            )
+            new_s_leaves = [x for x in pytree.tree_leaves(new_s) if isinstance(x, Tensor)]
+            outs = [(new[n], v[n]) for n in new] + list(zip(new_s_leaves, u_leaves))
+            outs = [(o, cot) for o, cot in outs if o.requires_grad]
+            s_tensors = [x for x in s_in if isinstance(x, Tensor)]
+            discover([o for o, _ in outs], [*a.values(), *s_tensors])
+            inputs = [*a.values(), *s_tensors, *phi, *foreign]
+            gs = (
+                torch.autograd.grad(
+                    [o for o, _ in outs], inputs, [cot for _, cot in outs], allow_unused=True
+                )
+                if outs
+                else (None,) * len(inputs)
+            )
+        na, ns = len(a), len(s_tensors)
+        v = {n: (torch.zeros_like(a[n]) if g is None else g) for n, g in zip(a, gs[:na])}
+        u_leaves = [
+            torch.zeros_like(x) if g is None else g for x, g in zip(s_tensors, gs[na : na + ns])
+        ]
+        add_phi(gs[na + ns :])
+    for n, j in w0_idx.items():
+        accumulate(grads, j, v[n])
+    return objective, grads, foreign_g, foreign
+
+
+def _det(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x

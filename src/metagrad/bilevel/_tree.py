@@ -1,0 +1,103 @@
+"""Pytree plumbing shared by the strategies: flattening ``MetaParams``, indexing problems."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from metagrad.bilevel._problem import MetaParams
+
+
+class Flat:
+    """``MetaParams`` as a flat list of leaves, with the positions that are differentiated.
+
+    ``wrt`` holds the indices of the tensor leaves that require grad (when gradients are
+    wanted); ``names`` a readable path per leaf (``"h['lam']"``) for messages.
+    """
+
+    def __init__(self, mp: MetaParams, need_grad: bool) -> None:
+        self.leaves, self.spec = pytree.tree_flatten(tuple(mp))
+        self.n_w0 = len(pytree.tree_flatten(mp.w0)[0])
+        self.wrt = (
+            [i for i, x in enumerate(self.leaves) if isinstance(x, Tensor) and x.requires_grad]
+            if need_grad
+            else []
+        )
+
+    def names(self) -> list[str]:
+        paths, _ = pytree.tree_flatten_with_path(tuple(self.leaves_as_tree()))
+        fields = ("w0", "h", "opt")
+        out = []
+        for path, _ in paths:
+            head = path[0]
+            idx = getattr(head, "idx", 0)
+            out.append(fields[idx] + pytree.keystr(path[1:]))
+        return out
+
+    def leaves_as_tree(self) -> MetaParams:
+        return MetaParams(*pytree.tree_unflatten(self.leaves, self.spec))
+
+    def rebuild(self, values: list[Any], at: list[int] | None = None) -> MetaParams:
+        """``MetaParams`` with ``values`` at positions ``at`` (default ``wrt``), others kept."""
+        leaves = list(self.leaves)
+        for i, v in zip(self.wrt if at is None else at, values):
+            leaves[i] = v
+        return MetaParams(*pytree.tree_unflatten(leaves, self.spec))
+
+    def detached(self) -> MetaParams:
+        return MetaParams(*pytree.tree_unflatten([detach(x) for x in self.leaves], self.spec))
+
+    def grads(self, values: dict[int, Tensor | None]) -> MetaParams:
+        """Gradients shaped like the ``MetaParams``: ``values[i]`` at leaf ``i``, None elsewhere."""
+        leaves: list[Any] = [values.get(i) for i in range(len(self.leaves))]
+        return MetaParams(*pytree.tree_unflatten(leaves, self.spec))
+
+
+def detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+def tree_detach(tree: Any) -> Any:
+    return pytree.tree_map(detach, tree)
+
+
+def count_problems(fn_name: str, inner_data: Any, outer_data: Any) -> int:
+    """The leading (problem) dimension shared by every tensor of the data."""
+    leaves = [x for x in pytree.tree_leaves((inner_data, outer_data)) if isinstance(x, Tensor)]
+    if not leaves:
+        raise ValueError(
+            f"{fn_name}: batched=True needs tensors with a leading problem dimension in "
+            f"inner_data/outer_data; got no tensors."
+        )
+    sizes = {int(x.shape[0]) if x.dim() else -1 for x in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(
+            f"{fn_name}: with batched=True every data tensor needs the same leading problem "
+            f"dimension; got leading sizes {sorted(sizes)}. Stack the problems' data with "
+            f"torch.stack, or pass batched=False for a single problem."
+        )
+    return sizes.pop()
+
+
+def index(tree: Any, i: int | slice) -> Any:
+    """Problem ``i`` (or a slice of problems) of batched data (every tensor leaf indexed on its first dimension)."""
+    return pytree.tree_map(lambda x: x[i] if isinstance(x, Tensor) else x, tree)
+
+
+def accumulate(total: dict[int, Tensor | None], key: int, g: Tensor | None) -> None:
+    if g is not None:
+        prev = total.get(key)
+        total[key] = g if prev is None else prev + g
+
+
+def all_finite(values: list[Tensor | None]) -> bool:
+    parts = [v.isfinite().all() for v in values if v is not None]
+    return bool(torch.stack(parts).all()) if parts else True
+
+
+def map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    return pytree.tree_map(lambda x: fn(x) if isinstance(x, Tensor) else x, tree)

@@ -1,0 +1,176 @@
+r"""Independent problems at once: ``torch.func.grad`` of the mean of ``vmap`` over problems.
+
+.. math::
+    G = \frac1P \sum_{i=1}^{P} G_i(w_0, h),\qquad \nabla G = \texttt{grad}(\texttt{mean} \circ
+    \texttt{vmap}(G_i))
+
+Exact wherever the objectives' batched double backward is (stock linear/conv layers and
+elementwise ops; not BatchNorm or LayerNorm, cf. pytorch/functorch#534: the caller decides).
+Optionally ``torch.compile``-d once per problem structure and cached in a :class:`Cache` that the
+caller owns; values that change every call (multi-step outer weights) enter as tensors, never
+as part of the cache key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from metagrad.bilevel._inner import AutogradBackend, FuncBackend, run
+from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
+from metagrad.bilevel._tree import Flat, index
+
+
+@dataclass
+class Cache:
+    """What a caller keeps between calls: compiled functions and passed one-time checks.
+
+    Owned by whoever makes repeated calls (a learner, a training loop), never by the model or
+    the problem, so two learners on one model do not share compiled code by accident.
+    """
+
+    compiled: dict[Any, Callable[..., Any]] = field(default_factory=dict)
+    checked: set[Any] = field(default_factory=set)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"compiled": {}, "checked": set()}  # compiled code neither copies nor pickles
+
+
+class ForeignUnderVmap(ValueError):
+    """A closed-over tensor that requires grad reached the objective under ``vmap``/forward mode."""
+
+
+def check_reaches_inner(problem: Problem, mp: MetaParams, inner_data: Any, batched: bool) -> None:
+    """Raise, as the unrolled loop does, when an inner parameter does not reach the inner loss.
+
+    ``torch.func.grad`` silently returns zeros for such parameters, so one first-order step of
+    problem 0 with autograd decides it instead of the strategy.
+    """
+    if problem.allow_unused or problem.steps == 0:
+        return
+    probe = dataclasses.replace(problem, steps=1, order=1, outer_weights=None, check_finite=False)
+    w0 = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in mp.w0.items()}
+    di = index(inner_data, 0) if batched else inner_data
+    with torch.enable_grad():
+        run(probe, AutogradBackend(probe, 0, False), w0, mp.h, mp.opt, di, None)
+
+
+def _vmap_fn(
+    problem: Problem, flat: Flat, need_grad: bool, check: bool, weighted: bool
+) -> Callable[..., tuple[list[Tensor], Tensor, Tensor, Tensor | None]]:
+    """``(diff, consts, inner, outer, weights) -> (grads, loss, per_problem, finite flags)``.
+
+    ``finite`` holds one flag per output (``per_problem``, then each gradient): computed inside
+    the (compiled) function, where it fuses, instead of many small ops after it.
+    """
+    backend = FuncBackend(create_graph=problem.order == 2)
+    # Only the structure is captured (not the first call's tensors): the function is cached.
+    n, spec, wrt = len(flat.leaves), flat.spec, list(flat.wrt)
+    const_at = [i for i in range(n) if i not in set(wrt)]
+
+    def one(mp: MetaParams, di: Any, do: Any, weights: Tensor | None) -> Tensor:
+        if isinstance(di, list):  # a PerStep's batches travel through vmap as a list
+            di = PerStep(di)
+        obj, _, _ = run(problem, backend, mp.w0, mp.h, mp.opt, di, do, weights=weights)
+        assert obj is not None
+        return obj
+
+    def fn(
+        diff: list[Tensor], consts: list[Any], di: Any, do: Any, weights: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
+        def mean_loss(d: list[Tensor]) -> tuple[Tensor, Tensor]:
+            leaves: list[Any] = [None] * n
+            for i, v in zip(const_at, consts):
+                leaves[i] = v
+            for i, v in zip(wrt, d):
+                leaves[i] = v
+            mp = MetaParams(*pytree.tree_unflatten(leaves, spec))
+            if weighted:
+                per = torch.func.vmap(lambda a, b: one(mp, a, b, weights), randomness="different")(
+                    di, do
+                )
+            else:
+                per = torch.func.vmap(lambda a, b: one(mp, a, b, None), randomness="different")(
+                    di, do
+                )
+            return per.mean(), per.detach()
+
+        grads: list[Tensor] = []
+        if need_grad and diff:
+            grads, (loss, per) = torch.func.grad_and_value(mean_loss, has_aux=True)(diff)
+        else:
+            loss, per = mean_loss(diff)
+        if not check:
+            return grads, loss, per, None
+        finite = torch.stack([o.isfinite().all() for o in [per, *grads]])
+        return grads, loss, per, finite
+
+    return fn
+
+
+def vmapped(
+    problem: Problem,
+    flat: Flat,
+    inner_data: Any,
+    outer_data: Any,
+    *,
+    need_grad: bool,
+    compile: bool | str = False,
+    cache: Cache | None = None,
+) -> tuple[HyperGrad, Tensor | None]:
+    """All problems at once; returns the result and the finiteness flags (None if unchecked)."""
+    check = problem.check_finite
+    weighted = problem.outer_weights is not None and problem.steps > 0
+    unchecked = dataclasses.replace(problem, check_finite=False, outer_weights=None)
+    # The outer weights enter as a tensor input; the rest of the problem is the cache key.
+    fn_problem = dataclasses.replace(problem, check_finite=False)
+    if compile and need_grad:
+        if cache is None:
+            raise ValueError(
+                f"{problem.name}: compile=True needs cache=metagrad.bilevel.Cache(), reused "
+                f"across calls, so the compiled function is built once and not every call."
+            )
+        key = (unchecked, weighted, compile, repr(flat.spec), tuple(flat.wrt), check)
+        fn = cache.compiled.get(key)
+        if fn is None:
+            backend = "inductor" if compile is True else str(compile)
+            fn = torch.compile(
+                _vmap_fn(fn_problem, flat, need_grad, check, weighted), backend=backend
+            )
+            cache.compiled[key] = fn
+    else:
+        fn = _vmap_fn(fn_problem, flat, need_grad, check, weighted)
+    wrt = set(flat.wrt)
+    diff = [flat.leaves[i].detach() for i in flat.wrt]
+    consts = [
+        x.detach() if isinstance(x, Tensor) else x
+        for i, x in enumerate(flat.leaves)
+        if i not in wrt
+    ]
+    di = list(inner_data.batches) if isinstance(inner_data, PerStep) else inner_data
+    weights = None
+    if weighted:
+        assert problem.outer_weights is not None
+        sample = diff[0] if diff else next(x for x in consts if isinstance(x, Tensor))
+        weights = torch.tensor(problem.outer_weights, dtype=sample.dtype, device=sample.device)
+    grads, loss, per, finite = fn(diff, consts, di, outer_data, weights)
+    if need_grad and (loss.requires_grad or any(g.requires_grad for g in grads)):
+        raise ForeignUnderVmap(
+            f"{problem.name}: an objective (or the optimizer) closes over a tensor that requires "
+            f"grad, and strategy='vmap' cannot deliver its gradient. Pass it in h (the "
+            f"hyperparameters) so it is differentiated, or use strategy='unroll' (alias 'loop'), "
+            f"which finds closed-over tensors and gives them their exact gradient."
+        )
+    res = HyperGrad(
+        loss.detach(),
+        per,
+        flat.grads(dict(zip(flat.wrt, grads))) if need_grad else flat.grads({}),
+        strategy="vmap",
+    )
+    return res, finite
