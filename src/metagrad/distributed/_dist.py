@@ -11,7 +11,7 @@ PyTorch's own collectives do the communication (gloo on CPU, NCCL on GPU).
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +24,6 @@ from torch import Tensor
 
 from metagrad._errors import NonFiniteError
 from metagrad.algorithms._maml import MAML
-from metagrad.functional._meta import MetaResult
 
 
 def shard_bounds(num_tasks: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -158,10 +157,10 @@ def distributed_meta_loss(learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq:
     rank, so identical optimizer steps keep the replicas identical. Without an initialised
     multi-rank group it is ``learner.meta_loss``.
 
-    A NaN/Inf in one rank's shard is agreed on by all ranks: the same all-reduce carries a
-    status flag per rank, and every rank raises :class:`metagrad.NonFiniteError` (naming the
-    task index in the whole meta-batch and the inner step), so a skip or a stop is collective
-    and the replicas never pair different iterations.
+    A NaN/Inf in one rank's shard is agreed on by all ranks (a small all-reduce of a status per
+    rank comes first): every rank raises :class:`metagrad.NonFiniteError` naming the task index
+    in the whole meta-batch and the inner step, so a skip or a stop is collective and the
+    replicas never pair different iterations.
     """
     if not is_distributed():
         return learner.meta_loss(xs, ys, xq, yq)
@@ -174,63 +173,67 @@ def distributed_meta_loss(learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq:
     T = int(xs.shape[0])
     start, stop = shard_bounds(T, rank, world)
     need_grad = torch.is_grad_enabled()
-    like = {
-        **{f"theta:{k}": v for k, v in learner.fmodel.params().items()},
-        **{f"extra:{k}": v for k, v in learner.extra_params().items()},
-    }
     failure: NonFiniteError | None = None
-    res: MetaResult | None = None
+    res: Any = None
     try:
         res = learner.meta_result(
             xs[start:stop], ys[start:stop], xq[start:stop], yq[start:stop], need_grad=need_grad
         )
-    except NonFiniteError as err:  # agreed on below, with the other ranks
+    except NonFiniteError as err:  # agreed on with the other ranks first
         failure = err
-    # The bucket's layout depends only on the model, never on this rank's outcome.
-    dtype = functools.reduce(torch.promote_types, [v.dtype for v in like.values()])
-    keys = sorted(like) if need_grad else []
+    _agree_finite(learner, failure, rank, world, start)
     w = (stop - start) / T
-    # status: [failed per rank | 1 + global task index | 1 + inner step] (0: none / unknown)
-    status = torch.zeros(3 * world, dtype=dtype)
-    parts = [torch.zeros(1, dtype=dtype), status]
+    dtype = res.loss.dtype
+    keys = [k for k in sorted(res.grads) if res.grads[k] is not None]  # None: on every rank
+    # closed-over tensors that reach the loss (engines that report them)
+    foreign = [(t, g) for t, g in getattr(res, "foreign", ()) if g is not None]
+    parts = [(res.loss * w).reshape(1).to(dtype)]
+    parts += [(res.grads[k] * w).reshape(-1).to(dtype) for k in keys]
+    parts += [(g * w).reshape(-1).to(dtype) for _, g in foreign]
+    bucket = torch.cat(parts)
+    _all_reduce(bucket, "the meta-gradient all-reduce")  # one bucket: the loss and every gradient
+    grads: dict[str, Tensor | None] = dict(res.grads)
+    offset = 1
+    for k in keys:
+        g = res.grads[k]
+        grads[k] = bucket[offset : offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+    reduced_foreign = []
+    for t, g in foreign:
+        reduced_foreign.append((t, bucket[offset : offset + g.numel()].view_as(g).to(g.dtype)))
+        offset += g.numel()
+    changes: dict[str, Any] = {"loss": bucket[0].to(res.loss.dtype), "grads": grads}
+    if hasattr(res, "foreign"):
+        changes["foreign"] = reduced_foreign
+    reduced = dataclasses.replace(res, **changes)
+    if not need_grad:
+        return reduced.loss  # type: ignore[no-any-return]
+    return learner.attach(reduced)
+
+
+def _agree_finite(
+    learner: Any, failure: NonFiniteError | None, rank: int, world: int, start: int
+) -> None:
+    """Raise the same NonFiniteError on every rank if any rank's shard hit NaN/Inf."""
+    # [failed per rank | 1 + task index in the whole meta-batch | 1 + inner step] (0: none)
+    status = torch.zeros(3 * world, dtype=torch.int64)
     if failure is not None:
         status[rank] = 1
         status[world + rank] = 0 if failure.task is None else start + failure.task + 1
         status[2 * world + rank] = 0 if failure.step is None else failure.step + 1
-        parts += [torch.zeros(like[k].numel(), dtype=dtype) for k in keys]
-    else:
-        assert res is not None
-        parts[0] = (res.loss * w).reshape(1).to(dtype)
-        for k in keys:
-            g = res.grads.get(k)
-            parts.append((torch.zeros_like(like[k]) if g is None else g * w).reshape(-1).to(dtype))
-    bucket = torch.cat(parts)
-    _all_reduce(bucket, "the meta-gradient all-reduce")  # one bucket: loss, status, gradients
-    failed = [r for r in range(world) if float(bucket[1 + r]) > 0]
-    if failed:
-        fn = str(getattr(learner, "fn_name", "metagrad.distributed_meta_loss"))
-        if failure is not None:  # this rank's own error, with the task index in the whole batch
-            task = None if failure.task is None else start + failure.task
-            raise NonFiniteError(fn, failure.where, task, failure.step) from failure
-        r = failed[0]
-        task_code = int(bucket[1 + world + r])
-        step_code = int(bucket[1 + 2 * world + r])
-        raise NonFiniteError(
-            fn,
-            f"shard of rank {r} (every rank skips or stops on this meta-batch)",
-            task_code - 1 if task_code else None,
-            step_code - 1 if step_code else None,
-        )
-    assert res is not None
-    loss = bucket[0]
-    grads: dict[str, Tensor | None] = {}
-    offset = 1 + 3 * world
-    for k in keys:
-        n = like[k].numel()
-        if k in res.grads:
-            grads[k] = bucket[offset : offset + n].view_as(like[k]).to(like[k].dtype)
-        offset += n
-    reduced = MetaResult(loss.to(res.loss.dtype), grads, res.per_task)
-    if not need_grad:
-        return reduced.loss
-    return learner.attach(reduced)
+    _all_reduce(status, "agreeing on NaN/Inf across ranks")
+    failed = [r for r in range(world) if int(status[r]) > 0]
+    if not failed:
+        return
+    fn = str(getattr(learner, "fn_name", "metagrad.distributed_meta_loss"))
+    if failure is not None:  # this rank's own error, with the task index in the whole batch
+        task = None if failure.task is None else start + failure.task
+        raise NonFiniteError(fn, failure.where, task, failure.step) from failure
+    r = failed[0]
+    task_code, step_code = int(status[world + r]), int(status[2 * world + r])
+    raise NonFiniteError(
+        fn,
+        f"shard of rank {r} (every rank skips or stops on this meta-batch)",
+        task_code - 1 if task_code else None,
+        step_code - 1 if step_code else None,
+    )
