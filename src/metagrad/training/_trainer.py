@@ -3,16 +3,26 @@
 A run interrupted at iteration ``n`` and resumed from its checkpoint ends with bitwise the same
 parameters as an uninterrupted run: the checkpoint holds the learner, the meta-optimizer, the
 scheduler, every RNG (global ones and the samplers' own generators) and the iteration.
+
+Ctrl-C (SIGINT) during :meth:`Trainer.train` finishes the meta-iteration under way, then saves
+that state and raises ``KeyboardInterrupt``; a second Ctrl-C stops at once, rolling the
+half-done iteration's random draws back, so both checkpoints describe the last finished
+iteration exactly.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +31,7 @@ import torch
 import metagrad
 from metagrad._errors import NonFiniteError
 from metagrad.algorithms import MAML
-from metagrad.distributed import distributed_meta_loss
+from metagrad.distributed import any_rank, distributed_meta_loss
 from metagrad.training._build import (
     image_shape,
     load_splits,
@@ -41,6 +51,7 @@ from metagrad.training._checkpoint import (
 from metagrad.training._config import ConfigError, TrainConfig, validate
 from metagrad.training._evaluate import EvalResult, evaluate
 
+_log = logging.getLogger("metagrad")
 METRICS = "metrics.csv"
 COLUMNS = ["iteration", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_loss_ci95",
            "val_accuracy", "val_accuracy_ci95"]  # fmt: skip
@@ -138,6 +149,59 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+class _Sigint:
+    """SIGINT while training: the first stops after the current iteration, a second at once.
+
+    Installed only from the main thread over Python's default handler (a handler of the caller's
+    own is left alone). Inside :meth:`shield` (the optimizer update) even a second SIGINT waits.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._shielded = False
+        self._pending = False
+        self._previous: Any = None
+
+    @contextmanager
+    def installed(self) -> Iterator[_Sigint]:
+        ours = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+        if ours:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield self
+        finally:
+            if ours:
+                signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.requested:
+            self.requested = True
+            _log.warning(
+                "interrupt: finishing the current meta-iteration, then saving a checkpoint "
+                "(Ctrl-C again to stop at once)."
+            )
+            return
+        if self._shielded:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def shield(self) -> Iterator[None]:
+        """Defer every SIGINT until the block (a parameter update) is complete."""
+        self._shielded = True
+        try:
+            yield
+        finally:
+            self._shielded = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
 class Trainer:
     """Meta-trains the learner of a :class:`TrainConfig`, writing logs and checkpoints.
 
@@ -207,6 +271,7 @@ class Trainer:
         self.skipped = 0  # meta-batches dropped by nan_policy="skip"
         self.elapsed = 0.0
         self.last_val: EvalResult | None = None
+        self._sigint = _Sigint()
         if ckpt is not None:
             self._restore(ckpt)
 
@@ -315,35 +380,49 @@ class Trainer:
         return self.cfg.task != "sinusoid"
 
     def step(self) -> tuple[float, float]:
-        """One meta-update; returns (meta-loss, meta-gradient norm before clipping)."""
-        batch = self.samplers["train"].sample(self.cfg.meta_batch).to(self.cfg.device)
-        self.learner.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        """One meta-update; returns (meta-loss, meta-gradient norm before clipping).
+
+        A ``KeyboardInterrupt`` before the update rolls the random draws of this iteration back
+        (the train sampler and torch's global RNG), so a checkpoint saved then resumes exactly;
+        the update itself (optimizer, scheduler, iteration count) is never split by one.
+        """
+        sampler = self.samplers["train"]
+        snapshot = (torch.get_rng_state(), sampler.state_dict())
         try:
-            if isinstance(self.learner, MAML):
-                # Shards the meta-batch over ranks under torchrun; plain meta_loss otherwise.
-                loss = distributed_meta_loss(self.learner, *batch)
-            else:
-                loss = self.learner.meta_loss(*batch)
-        except NonFiniteError as err:
-            if self.cfg.nan_policy != "skip":
-                raise
-            # Skip this meta-batch: no update, so no NaN can reach the parameters or a checkpoint.
-            self.skipped += 1
+            batch = sampler.sample(self.cfg.meta_batch).to(self.cfg.device)
+            self.learner.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                if isinstance(self.learner, MAML):
+                    # Shards the meta-batch over ranks under torchrun; plain meta_loss otherwise.
+                    loss = distributed_meta_loss(self.learner, *batch)
+                else:
+                    loss = self.learner.meta_loss(*batch)
+            except NonFiniteError as err:
+                if self.cfg.nan_policy != "skip":
+                    raise
+                # Skip this meta-batch: no update, so no NaN can reach the parameters or a
+                # checkpoint (under torchrun every rank skips it: the decision is collective).
+                with self._sigint.shield():
+                    self.skipped += 1
+                    self.iteration += 1
+                _log.warning(
+                    "skipped the meta-batch of iteration %d (%s); %d skipped so far.",
+                    self.iteration, err, self.skipped,
+                )  # fmt: skip
+                return math.nan, math.nan
+            loss.backward()
+            params = [p for p in self.learner.parameters() if p.grad is not None]
+            clip = self.cfg.clip_grad if self.cfg.clip_grad is not None else math.inf
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        except KeyboardInterrupt:
+            torch.set_rng_state(snapshot[0])
+            sampler.load_state_dict(snapshot[1])
+            raise
+        with self._sigint.shield():
+            self.optimizer.step()
+            self.scheduler.step()
             self.iteration += 1
-            print(
-                f"metagrad train: warning: skipped the meta-batch of iteration {self.iteration} "
-                f"({err}); {self.skipped} skipped so far.",
-                file=sys.stderr,
-            )
-            return math.nan, math.nan
-        loss.backward()
-        params = [p for p in self.learner.parameters() if p.grad is not None]
-        clip = self.cfg.clip_grad if self.cfg.clip_grad is not None else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.iteration += 1
         return float(loss.detach()), float(norm)
 
     def validate(self, tasks: int | None = None) -> EvalResult:
@@ -360,7 +439,9 @@ class Trainer:
     def train(self, until: int | None = None) -> int:
         """Meta-train up to ``cfg.iterations`` (or ``until``, to stop early); return the iteration.
 
-        A ``KeyboardInterrupt`` saves a checkpoint at the last finished iteration, then re-raises.
+        A ``KeyboardInterrupt`` (Ctrl-C: after the iteration under way finishes; under torchrun
+        all ranks agree to stop at the same iteration) saves a checkpoint at the last finished
+        iteration, then re-raises.
         """
         cfg = self.cfg
         stop = cfg.iterations if until is None else min(until, cfg.iterations)
@@ -368,34 +449,9 @@ class Trainer:
         if self.writer_cls is not None and self.output is not None:
             writer = self.writer_cls(str(self.output / "tensorboard"))
         bar = _Progress(cfg.iterations, self.iteration, self.progress_enabled)
-        window: list[float] = []
-        norms: list[float] = []
-        t_start, elapsed0 = time.perf_counter(), self.elapsed
         try:
-            while self.iteration < stop:
-                loss, norm = self.step()
-                self.elapsed = elapsed0 + time.perf_counter() - t_start
-                if math.isfinite(loss):  # a skipped meta-batch (nan_policy="skip") logs nothing
-                    window.append(loss)
-                    norms.append(norm)
-                lr = self.optimizer.param_groups[0]["lr"]
-                bar.update(self.iteration, loss, lr)
-                it = self.iteration
-                row: dict[str, Any] = {}
-                if it % cfg.log_every == 0 or it == cfg.iterations:
-                    row = {"iteration": it, "train_loss": sum(window) / len(window), "lr": lr,
-                           "grad_norm": sum(norms) / len(norms), "elapsed_s": round(self.elapsed, 3)}  # fmt: skip
-                    window, norms = [], []
-                if it % cfg.val_every == 0 or it == cfg.iterations:
-                    val = self.validate()
-                    self.last_val = val
-                    r = val.rows[-1]
-                    row = {**row, "iteration": it, "val_loss": r.loss, "val_loss_ci95": r.loss_ci95,
-                           "val_accuracy": r.accuracy, "val_accuracy_ci95": r.accuracy_ci95}  # fmt: skip
-                if row:
-                    self._log(row, writer)
-                if it % cfg.checkpoint_every == 0 and it < stop:
-                    self.save()
+            with self._sigint.installed():
+                self._loop(stop, writer, bar)
         except KeyboardInterrupt:
             self.save()
             raise
@@ -405,6 +461,44 @@ class Trainer:
                 writer.close()
         self.save()
         return self.iteration
+
+    def _loop(self, stop: int, writer: Any, bar: _Progress) -> None:
+        cfg = self.cfg
+        window: list[float] = []
+        norms: list[float] = []
+        t_start, elapsed0 = time.perf_counter(), self.elapsed
+        self._sigint.requested = False
+        while self.iteration < stop:
+            loss, norm = self.step()
+            self.elapsed = elapsed0 + time.perf_counter() - t_start
+            if math.isfinite(loss):  # a skipped meta-batch (nan_policy="skip") logs nothing
+                window.append(loss)
+                norms.append(norm)
+            lr = self.optimizer.param_groups[0]["lr"]
+            bar.update(self.iteration, loss, lr)
+            it = self.iteration
+            row: dict[str, Any] = {}
+            if it % cfg.log_every == 0 or it == cfg.iterations:
+                row = {"iteration": it, "train_loss": sum(window) / len(window), "lr": lr,
+                       "grad_norm": sum(norms) / len(norms), "elapsed_s": round(self.elapsed, 3)}  # fmt: skip
+                window, norms = [], []
+            if it % cfg.val_every == 0 or it == cfg.iterations:
+                val_state = self.samplers["val"].state_dict()
+                try:
+                    val = self.validate()
+                except KeyboardInterrupt:  # a second Ctrl-C: as if it had not started
+                    self.samplers["val"].load_state_dict(val_state)
+                    raise
+                self.last_val = val
+                r = val.rows[-1]
+                row = {**row, "iteration": it, "val_loss": r.loss, "val_loss_ci95": r.loss_ci95,
+                       "val_accuracy": r.accuracy, "val_accuracy_ci95": r.accuracy_ci95}  # fmt: skip
+            if row:
+                self._log(row, writer)
+            if it % cfg.checkpoint_every == 0 and it < stop:
+                self.save()
+            if any_rank(self._sigint.requested):  # Ctrl-C: stop after this iteration
+                raise KeyboardInterrupt
 
     @classmethod
     def from_checkpoint(
