@@ -88,7 +88,12 @@ def test_grads_missing_a_parameter() -> None:
     params = init_params()
     grads = grads_at(params)
     del grads["head.bias"]
-    with pytest.raises(ValueError, match=r"grads has no entry for parameter\(s\) \['head\.bias'\]"):
+    with pytest.raises(
+        ValueError, match=r"grads has no entry \(or None\) for parameter\(s\) \['head\.bias'\]"
+    ):
+        mo.SGD().update(grads, mo.EmptyState(), params, 0)
+    grads["head.bias"] = None  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"torch\.zeros_like\(p\) for an unused one"):
         mo.SGD().update(grads, mo.EmptyState(), params, 0)
 
 

@@ -292,11 +292,12 @@ class OptimizerBase:
             ) from None
         if step < 0:
             raise ValueError(f"{self._fn}.update: step={step} must be >= 0 (0-based index).")
-        missing = [k for k in params if k not in grads]
+        missing = [k for k in params if grads.get(k) is None]
         if missing:
+            # None is what autograd.grad(..., allow_unused=True) gives an unused parameter.
             raise ValueError(
-                f"{self._fn}.update: grads has no entry for parameter(s) {missing}; pass one "
-                f"gradient per parameter (use torch.zeros_like(p) for an unused one)."
+                f"{self._fn}.update: grads has no entry (or None) for parameter(s) {missing}; "
+                f"pass one gradient per parameter (torch.zeros_like(p) for an unused one)."
             )
         return int(step)
 
