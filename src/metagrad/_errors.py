@@ -56,3 +56,16 @@ def translate_autograd_error(fn_name: str, err: RuntimeError, order: int) -> Exc
             f"or use order=1. PyTorch said: {msg.splitlines()[0]}"
         )
     return None
+
+
+def non_finite_error(
+    fn_name: str, where: str, task: int | None, step: int | None, message: str
+) -> NonFiniteError:
+    """A :class:`NonFiniteError` (same ``task``/``step``/``where`` fields) with its own message.
+
+    For callers that know the cause better than the generic advice, e.g. a training loop that
+    sees the meta-parameters themselves overflow (then inner_lr is not the culprit).
+    """
+    err = NonFiniteError(fn_name, where, task, step)
+    err.args = (message,)
+    return err

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 
 import metagrad
-from metagrad._errors import NonFiniteError
+from metagrad._errors import NonFiniteError, non_finite_error
 from metagrad.algorithms import MAML
-from metagrad.distributed import any_rank, distributed_meta_loss
+from metagrad.distributed import any_rank, distributed_meta_loss, is_distributed
 from metagrad.training._build import (
     image_shape,
     load_splits,
@@ -53,6 +53,9 @@ from metagrad.training._evaluate import EvalResult, evaluate
 
 _log = logging.getLogger("metagrad")
 METRICS = "metrics.csv"
+# nan_policy="skip" gives up after this many skipped meta-batches in a row (diverged parameters
+# fail on every batch; skipping them forever only hides that).
+MAX_SKIPS_IN_A_ROW = 10
 COLUMNS = ["iteration", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_loss_ci95",
            "val_accuracy", "val_accuracy_ci95"]  # fmt: skip
 # Settings that define the model / learner: a checkpoint only resumes under the same values.
@@ -272,6 +275,7 @@ class Trainer:
         self.elapsed = 0.0
         self.last_val: EvalResult | None = None
         self._sigint = _Sigint()
+        self._skips_in_a_row = 0
         if ckpt is not None:
             self._restore(ckpt)
 
@@ -342,9 +346,13 @@ class Trainer:
             if p.is_floating_point() and not bool(p.isfinite().all())
         ]
         if bad:  # never replace the last good checkpoint with a broken one
-            raise NonFiniteError(
-                "metagrad.train", f"parameters {bad[:3]} (checkpoint not written)", None, None
-            )
+            raise non_finite_error(
+                "metagrad.train", f"parameters {bad[:3]}", None, None,
+                f"metagrad.train: the parameters {bad[:3]} are NaN/Inf at iteration "
+                f"{self.iteration}; checkpoint not written (the last good one in "
+                f"{str(self.output)!r} is kept). Fix: lower --meta-lr or pass --clip-grad, and "
+                f"resume from that checkpoint.",
+            )  # fmt: skip
         return save_checkpoint(self.state_dict(), self.output)
 
     # -- logging -----------------------------------------------------------------------------
@@ -398,9 +406,19 @@ class Trainer:
                     loss = distributed_meta_loss(self.learner, *batch)
                 else:
                     loss = self.learner.meta_loss(*batch)
-            except NonFiniteError as err:
+                loss.backward()
+                norm = self._clip_and_check(float(loss.detach()))
+            except NonFiniteError as raw:
+                err = self._explain_non_finite(raw, batch)
+                self._skips_in_a_row += 1
                 if self.cfg.nan_policy != "skip":
-                    raise
+                    raise err from raw
+                if self._skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise non_finite_error(
+                        "metagrad.train", err.where, err.task, err.step,
+                        f"metagrad.train: {self._skips_in_a_row} meta-batches in a row were "
+                        f"skipped (--nan-policy skip), so skipping is not helping; the last: {err}",
+                    ) from raw  # fmt: skip
                 # Skip this meta-batch: no update, so no NaN can reach the parameters or a
                 # checkpoint (under torchrun every rank skips it: the decision is collective).
                 with self._sigint.shield():
@@ -411,10 +429,6 @@ class Trainer:
                     self.iteration, err, self.skipped,
                 )  # fmt: skip
                 return math.nan, math.nan
-            loss.backward()
-            params = [p for p in self.learner.parameters() if p.grad is not None]
-            clip = self.cfg.clip_grad if self.cfg.clip_grad is not None else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
         except KeyboardInterrupt:
             torch.set_rng_state(snapshot[0])
             sampler.load_state_dict(snapshot[1])
@@ -423,7 +437,105 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.iteration += 1
-        return float(loss.detach()), float(norm)
+        self._skips_in_a_row = 0
+        return float(loss.detach()), norm
+
+    def _clip_and_check(self, loss: float) -> float:
+        """The meta-gradient's norm; clipped to ``cfg.clip_grad`` only when that is set.
+
+        A finite meta-gradient whose float32 norm overflows is measured in float64 (clipping it
+        with an infinite norm would turn every entry into NaN); a NaN/Inf entry, or one left
+        after clipping, raises :class:`NonFiniteError` naming the parameter.
+        """
+        with_grad = [(n, p) for n, p in self.learner.named_parameters() if p.grad is not None]
+        named = [(n, p.grad) for n, p in with_grad if p.grad is not None]
+        grads = [g for _, g in named]
+        if not grads:
+            return 0.0
+        clip = self.cfg.clip_grad
+        total = float(torch.nn.utils.get_total_norm(grads))
+        if not math.isfinite(total):
+            self._check_grads(named, loss, "")
+            total = math.sqrt(sum(float(g.detach().double().square().sum()) for g in grads))
+            if clip is not None and total > clip:
+                torch._foreach_mul_(grads, clip / (total + 1e-6))
+        elif clip is not None:
+            total = float(torch.nn.utils.clip_grad_norm_([p for _, p in with_grad], clip))
+        if clip is not None:
+            self._check_grads(named, loss, f" after clipping to --clip-grad {clip:g}")
+        elif total > math.sqrt(torch.finfo(grads[0].dtype).max):
+            self._check_adam_range(named, loss)
+        return total
+
+    def _check_adam_range(self, named: list[tuple[str, torch.Tensor]], loss: float) -> None:
+        """Refuse entries whose square overflows: Adam's second moment would become Inf and
+        freeze that parameter for the rest of the run (finite but silently wrong)."""
+        top, name = max((float(g.detach().abs().max()), n) for n, g in named if g.numel())
+        g0 = named[0][1]
+        if top <= math.sqrt(torch.finfo(g0.dtype).max):
+            return
+        raise non_finite_error(
+            "metagrad.train", f"meta-gradient of {name!r}", None, None,
+            f"metagrad.train: the meta-gradient of {name!r} has an entry of {top:.3g} at "
+            f"iteration {self.iteration + 1} (meta-loss {loss:.4g}); its square overflows "
+            f"{str(g0.dtype).replace('torch.', '')}, so Adam's second moment would become Inf and "
+            f"freeze that parameter. Fix: pass --clip-grad (e.g. 10), or lower --inner-lr.",
+        )  # fmt: skip
+
+    def _check_grads(self, named: list[tuple[str, torch.Tensor]], loss: float, when: str) -> None:
+        bad = [n for n, g in named if not bool(g.isfinite().all())]
+        if not bad:
+            return
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        reduced = " (summed across ranks)" if is_distributed() else ""
+        raise non_finite_error(
+            "metagrad.train", f"meta-gradient of {bad[0]!r}", None, None,
+            f"metagrad.train: the meta-gradient{reduced} of {bad[0]!r}{more} is NaN/Inf{when} at "
+            f"iteration {self.iteration + 1}, although the meta-loss ({loss:.4g}) is finite. "
+            f"Fix: lower --inner-lr or --inner-steps (exploding second-order terms), or use "
+            f"--algorithm fomaml; --nan-policy skip drops such meta-batches.",
+        )  # fmt: skip
+
+    def _explain_non_finite(self, err: NonFiniteError, batch: Any) -> NonFiniteError:
+        """Name the real cause of a NaN/Inf at inner step 0 (the loss at the meta-parameters).
+
+        There inner_lr has not acted yet: the data or the meta-parameters are to blame.
+        """
+        if err.step != 0 or err.task is None or not 0 <= err.task < int(batch[0].shape[0]):
+            return err
+        names = ("xs", "ys", "xq", "yq")
+        parts = [(n, t[err.task]) for n, t in zip(names, batch)]
+        dirty = [n for n, t in parts if t.is_floating_point() and not bool(t.isfinite().all())]
+        it = self.iteration + 1
+        if dirty:
+            return non_finite_error(
+                "metagrad.train", err.where, err.task, err.step,
+                f"metagrad.train: task {err.task} of the meta-batch of iteration {it} has NaN/Inf "
+                f"in its data ({', '.join(dirty)}). Fix: clean the dataset, or pass --nan-policy "
+                f"skip to drop such meta-batches.",
+            )  # fmt: skip
+        if self.iteration == 0:
+            return err  # the initial parameters on finite data: the model or loss itself
+        updates = self.iteration - self.skipped
+        params = [(n, p.detach()) for n, p in self.learner.named_parameters()]
+        bad = [n for n, p in params if not bool(p.isfinite().all())]
+        if bad:
+            cause = f"the meta-parameters are NaN/Inf ({bad[0]!r})"
+        else:
+            big, name = max((float(p.abs().max()), n) for n, p in params if p.numel())
+            x = max(float(t.abs().max()) for _, t in parts if t.is_floating_point() and t.numel())
+            cause = (
+                f"the data are finite (largest |value| {x:.3g}) but the meta-parameters overflow "
+                f"the model (largest |parameter| {big:.3g}, in {name!r})"
+            )
+        return non_finite_error(
+            "metagrad.train", err.where, err.task, err.step,
+            f"metagrad.train: non-finite {err.where} at task {err.task} before any inner step "
+            f"(iteration {it}), so inner_lr is not the cause: {cause} after {updates} "
+            f"meta-update{'s' if updates != 1 else ''} with meta_lr={self.cfg.meta_lr:g}. Fix: "
+            f"lower --meta-lr, or pass "
+            f"--clip-grad; resume from a checkpoint written before the divergence.",
+        )  # fmt: skip
 
     def validate(self, tasks: int | None = None) -> EvalResult:
         """Query metrics on validation tasks after the final test step count."""
@@ -479,8 +591,10 @@ class Trainer:
             it = self.iteration
             row: dict[str, Any] = {}
             if it % cfg.log_every == 0 or it == cfg.iterations:
-                row = {"iteration": it, "train_loss": sum(window) / len(window), "lr": lr,
-                       "grad_norm": sum(norms) / len(norms), "elapsed_s": round(self.elapsed, 3)}  # fmt: skip
+                # A window of only skipped meta-batches (nan_policy="skip") has no loss: blank.
+                row = {"iteration": it, "lr": lr, "elapsed_s": round(self.elapsed, 3),
+                       "train_loss": sum(window) / len(window) if window else None,
+                       "grad_norm": sum(norms) / len(norms) if norms else None}  # fmt: skip
                 window, norms = [], []
             if it % cfg.val_every == 0 or it == cfg.iterations:
                 val_state = self.samplers["val"].state_dict()
