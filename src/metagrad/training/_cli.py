@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,40 @@ def _fail(cmd: str, err: BaseException) -> int:
         traceback.print_exception(err)
     print(f"metagrad {cmd}: error: {_one_line(err)}", file=sys.stderr)
     return 2
+
+
+class _StderrHandler(logging.Handler):
+    """The library's log records as ``metagrad <cmd>: warning: ...`` lines on (current) stderr."""
+
+    def __init__(self, cmd: str) -> None:
+        super().__init__(logging.INFO)
+        self.cmd = cmd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            prefix = f"metagrad {self.cmd}: " + ("" if level == "info" else f"{level}: ")
+            sys.stderr.write(prefix + record.getMessage() + "\n")
+            sys.stderr.flush()
+        except Exception:  # pragma: no cover - never let logging break a run
+            self.handleError(record)
+
+
+@contextmanager
+def _cli_logging(cmd: str) -> Iterator[None]:
+    """Show the ``metagrad`` logger's warnings and notes during one CLI command."""
+    logger = logging.getLogger("metagrad")
+    handler = _StderrHandler(cmd)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _pos_int(text: str) -> int:
@@ -169,7 +206,8 @@ def _finish(
     if out is None:
         return
     write_results(out / "results.json", cfg, result, iteration=trainer.iteration,
-                  train_time_s=train_time, eval_time_s=eval_time)  # fmt: skip
+                  train_time_s=train_time, eval_time_s=eval_time,
+                  config_changes=trainer.config_changes)  # fmt: skip
     made = []
     try:
         made = make_plots(trainer, out) if plots else []
@@ -180,6 +218,11 @@ def _finish(
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``metagrad train``."""
+    with _cli_logging("train"):
+        return _run_train(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
     keep_freed_memory()  # long run: reuse activation pages instead of re-faulting them
     try:
         cfg = build_config(args)
@@ -196,9 +239,12 @@ def run_train(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     f"algorithm={cfg.algorithm!r} is not distributed yet; use the MAML family."
                 )
+        if args.allow_config_change and not args.resume:
+            raise ConfigError("--allow-config-change applies to --resume only.")
         trainer = Trainer(
             cfg, out, resume=args.resume, overwrite=args.overwrite,
             progress=not args.no_progress, writer=rank == 0,
+            allow_config_change=args.allow_config_change,
         )  # fmt: skip
         try:
             trainer.train()
@@ -218,6 +264,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``metagrad eval``."""
+    with _cli_logging("eval"):
+        return _run_eval(args)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
     keep_freed_memory()
     try:
         overrides: dict[str, Any] = {}
@@ -302,6 +353,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace an earlier run in --output (else refused)"
     )
+    p.add_argument(
+        "--allow-config-change", action="store_true",
+        help="with --resume: continue under changed settings (else refused, listing them); "
+        "the changes are recorded in the checkpoint and results.json",
+    )  # fmt: skip
     p.add_argument("--meta-batch", type=_pos_int, help="tasks per meta-update")
     p.add_argument("--inner-steps", type=_nonneg_int, help="inner steps during meta-training")
     p.add_argument("--inner-lr", type=_float, help="inner learning rate alpha")

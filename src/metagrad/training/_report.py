@@ -31,8 +31,13 @@ def write_results(
     iteration: int,
     train_time_s: float | None,
     eval_time_s: float,
+    config_changes: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """``results.json``: settings, the final evaluation table, timings and the paper's numbers."""
+    """``results.json``: settings, the final evaluation table, timings and the paper's numbers.
+
+    ``config_changes``: settings changed on resume (``--allow-config-change``), with the
+    iteration each took effect; stored only when there were any.
+    """
     out = {
         "metagrad_version": metagrad.__version__,
         "algorithm": cfg.algorithm,
@@ -44,6 +49,8 @@ def write_results(
         "paper": paper_reference(cfg, result),
         "config": cfg.to_dict(),
     }
+    if config_changes:
+        out["config_changes"] = config_changes
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")

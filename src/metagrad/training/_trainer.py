@@ -58,9 +58,16 @@ METRICS = "metrics.csv"
 MAX_SKIPS_IN_A_ROW = 10
 COLUMNS = ["iteration", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_loss_ci95",
            "val_accuracy", "val_accuracy_ci95"]  # fmt: skip
-# Settings that define the model / learner: a checkpoint only resumes under the same values.
-STRUCTURAL = ("task", "algorithm", "n_way", "hidden", "image_size", "rotations", "inner_steps",
-              "test_steps", "first_order_steps", "split", "split_seed", "seed", "data")  # fmt: skip
+# A resumed run must match its checkpoint's config in every key but these (they change neither
+# the trained parameters nor what the metrics mean); others need allow_config_change=True.
+FREE_ON_RESUME = ("iterations", "val_every", "log_every", "checkpoint_every", "val_tasks",
+                  "eval_tasks", "tensorboard")  # fmt: skip
+# Never changeable on resume: the model and the task streams continue from the checkpoint.
+FIXED_ON_RESUME = ("task", "seed")
+# What `Trainer.from_checkpoint` (metagrad eval) may override: data location and evaluation.
+EVAL_OVERRIDES = ("data", "eval_tasks", "eval_shots", "eval_queries", "device", "test_steps",
+                  "val_tasks")  # fmt: skip
+_FLAG = {"shots": "--k-shot"}  # config key -> CLI flag, where they are not spelled alike
 
 
 def prepare_output(
@@ -212,8 +219,12 @@ class Trainer:
         cfg: the run (validated here).
         output: folder for ``checkpoint.pt``, ``metrics.csv`` (and TensorBoard logs); None keeps
             everything in memory (no checkpoints).
-        resume: continue the checkpoint in ``output`` (its settings must match ``cfg`` except
-            bookkeeping ones such as ``iterations`` and logging intervals).
+        resume: continue the checkpoint in ``output``; its config must match ``cfg`` in every key
+            except bookkeeping ones (:data:`FREE_ON_RESUME`: ``iterations``, logging and
+            validation intervals...), else :class:`CheckpointError` lists what differs.
+        allow_config_change: with ``resume``, continue under ``cfg``'s changed values anyway
+            (not ``task`` or ``seed``); each change is logged and kept in the checkpoint's
+            ``config_changes``, and ``meta_lr``/``min_lr``/``lr_schedule`` reach the optimizer.
         overwrite: replace an earlier run's checkpoints and log in ``output``.
         progress: show a progress bar.
 
@@ -237,6 +248,7 @@ class Trainer:
         overwrite: bool = False,
         progress: bool = True,
         writer: bool = True,
+        allow_config_change: bool = False,
     ) -> None:
         cfg = validate(cfg)
         if writer:
@@ -251,8 +263,11 @@ class Trainer:
         ckpt = load_checkpoint(self.output) if resume and self.output is not None else None
         if not writer:
             self.output = None
+        changes: dict[str, tuple[Any, Any]] = {}
+        self.config_changes: list[dict[str, Any]] = []
         if ckpt is not None:
-            cfg = self._merge_resume_config(cfg, ckpt)
+            changes = self._resume_changes(cfg, ckpt, allow_config_change)
+            self.config_changes = list(ckpt.get("config_changes", []))
         self.writer_cls = _check_tensorboard() if cfg.tensorboard and self.output else None
         self.cfg = cfg
         self.progress_enabled = progress
@@ -277,34 +292,79 @@ class Trainer:
         self._sigint = _Sigint()
         self._skips_in_a_row = 0
         if ckpt is not None:
-            self._restore(ckpt)
+            self._restore(
+                ckpt, lr_changed=bool({"meta_lr", "min_lr", "lr_schedule"} & set(changes))
+            )
+            if changes:
+                self.config_changes.append(
+                    {"iteration": self.iteration,
+                     "changes": {k: [old, new] for k, (old, new) in changes.items()}}
+                )  # fmt: skip
+                _log.warning(
+                    "resuming at iteration %d with changed settings (--allow-config-change): %s; "
+                    "recorded in the checkpoint's config_changes.",
+                    self.iteration, "; ".join(f"{k} {o!r} -> {n!r}" for k, (o, n) in changes.items()),
+                )  # fmt: skip
 
     # -- checkpoints -----------------------------------------------------------------------
     @staticmethod
-    def _merge_resume_config(cfg: TrainConfig, ckpt: dict[str, Any]) -> TrainConfig:
-        stored = ckpt.get("config", {})
-        if ckpt.get("algorithm") != cfg.algorithm:
+    def _resume_changes(
+        cfg: TrainConfig, ckpt: dict[str, Any], allow: bool
+    ) -> dict[str, tuple[Any, Any]]:
+        """Keys where ``cfg`` differs from the checkpoint's config (bookkeeping ones aside).
+
+        Raises CheckpointError listing them all, unless ``allow`` (then only for FIXED ones).
+        """
+        stored = dict(ckpt.get("config", {}))
+        if "algorithm" in ckpt:
+            stored.setdefault("algorithm", ckpt["algorithm"])
+        now = cfg.to_dict()
+        diff = {
+            k: (stored[k], now[k])
+            for k in now
+            if k in stored and k not in FREE_ON_RESUME and stored[k] != now[k]
+        }
+        if not diff:
+            return {}
+
+        def show(keys: list[str]) -> str:
+            return "; ".join(
+                f"{k}{f' ({_FLAG[k]})' if k in _FLAG else ''}: checkpoint {diff[k][0]!r}, "
+                f"now {diff[k][1]!r}"
+                for k in keys
+            )
+
+        fixed = [k for k in diff if k in FIXED_ON_RESUME]
+        if allow and fixed:
             raise CheckpointError(
-                f"the checkpoint was written by algorithm {ckpt.get('algorithm')!r} but this run "
-                f"uses {cfg.algorithm!r}. Fix: pass --algorithm {ckpt.get('algorithm')} to resume "
-                f"it, or use another --output for a new run."
+                f"--allow-config-change cannot change {show(fixed)}: the model and the task "
+                f"streams continue from the checkpoint. Fix: resume with the checkpoint's value, "
+                f"or start a new run in another --output."
             )
-        diff = [k for k in STRUCTURAL if k in stored and stored[k] != getattr(cfg, k)]
-        if diff:
-            shown = ", ".join(
-                f"{k}: checkpoint {stored[k]!r} vs now {getattr(cfg, k)!r}" for k in diff
+        if allow:
+            return diff
+        if "algorithm" in diff:
+            old, new = diff["algorithm"]
+            head = f"the checkpoint was written by algorithm {old!r} but this run uses {new!r}"
+            rest = [k for k in diff if k != "algorithm"]
+            head += f" (other differences: {show(rest)})" if rest else ""
+        else:
+            head = (
+                f"the checkpoint is from another model/run or was trained with other settings: "
+                f"{show(list(diff))}"
             )
-            raise CheckpointError(
-                f"the checkpoint is from another model/run ({shown}). Fix: resume with the "
-                f"original settings, or use another --output for a new run."
-            )
-        return cfg
+        raise CheckpointError(
+            f"{head}. Fix: resume with the checkpoint's settings (`metagrad train --resume "
+            f"--output DIR` alone reuses them), pass --allow-config-change to continue with the "
+            f"new values (recorded in the checkpoint), or use another --output for a new run."
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "metagrad_version": metagrad.__version__,
             "algorithm": self.cfg.algorithm,
             "config": self.cfg.to_dict(),
+            "config_changes": self.config_changes,
             "iteration": self.iteration,
             "skipped": self.skipped,
             "elapsed_s": self.elapsed,
@@ -315,11 +375,14 @@ class Trainer:
             "samplers": {k: s.state_dict() for k, s in self.samplers.items()},
         }
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
+    def _restore(self, ckpt: dict[str, Any], *, lr_changed: bool = False) -> None:
         try:
             self.learner.load_state_dict(ckpt["learner"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if lr_changed:  # deliberate change: the new schedule at the checkpoint's position
+                self._set_schedule_position(int(ckpt["scheduler"].get("last_epoch", 0)))
+            else:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
             if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
                 self.scheduler.T_max = self.cfg.iterations  # a resumed run may be extended
         except (RuntimeError, ValueError, KeyError) as err:
@@ -335,6 +398,23 @@ class Trainer:
         self.skipped = int(ckpt.get("skipped", 0))
         self.elapsed = float(ckpt.get("elapsed_s", 0.0))
         self._truncate_metrics()
+
+    def _set_schedule_position(self, steps: int) -> None:
+        """Put ``cfg``'s learning-rate schedule (new meta_lr/min_lr/kind) at ``steps`` updates;
+        the optimizer's lr loaded from a checkpoint is replaced by it."""
+        cfg, sched = self.cfg, self.scheduler
+        if isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+            sched.eta_min = cfg.min_lr
+            progress = min(steps, cfg.iterations) / cfg.iterations
+            lr = cfg.min_lr + (cfg.meta_lr - cfg.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+        else:
+            lr = cfg.meta_lr
+        for g in self.optimizer.param_groups:
+            g["initial_lr"] = cfg.meta_lr
+            g["lr"] = lr
+        sched.base_lrs = [cfg.meta_lr for _ in self.optimizer.param_groups]
+        sched.last_epoch = steps
+        sched._last_lr = [lr for _ in self.optimizer.param_groups]  # type: ignore[attr-defined]
 
     def save(self) -> Path | None:
         """Write the checkpoint now (no-op without an output folder)."""
@@ -632,11 +712,15 @@ class Trainer:
                 f"{str(path)!r} holds a config this metagrad version does not know ({err})."
             ) from None
         for k, v in (overrides or {}).items():
-            if k in STRUCTURAL and k != "data" and v != getattr(cfg, k):
-                raise CheckpointError(f"{k} is fixed by the checkpoint ({getattr(cfg, k)!r}).")
+            if k not in EVAL_OVERRIDES and v != getattr(cfg, k, None):
+                raise CheckpointError(
+                    f"{k} is fixed by the checkpoint ({getattr(cfg, k, None)!r}); evaluation "
+                    f"may change only {', '.join(EVAL_OVERRIDES)}."
+                )
             cfg = cfg.replace(**{k: v})
         trainer = cls(cfg, None, progress=False)
         trainer._restore(ckpt)
+        trainer.config_changes = list(ckpt.get("config_changes", []))
         return trainer
 
     def evaluate(self, tasks: int | None = None, steps: list[int] | None = None) -> EvalResult:
