@@ -18,7 +18,7 @@ from metagrad.tasks._batch import TaskBatch, check_positive, make_generator
 
 
 class SinusoidTasks:
-    """Sampler of sinusoid regression tasks, deterministic given ``seed``.
+    r"""Sampler of sinusoid regression tasks, deterministic given ``seed``.
 
     Args:
         shots: support points per task ``K`` (MAML paper: 10 for training, 5 or 10 for testing).
