@@ -21,6 +21,7 @@ Optional subpackages, imported on demand: ``metagrad.viz`` (graphs, traces),
 from __future__ import annotations
 
 from metagrad._errors import NonFiniteError
+from metagrad._load import load
 from metagrad._perf import keep_freed_memory
 from metagrad.algorithms import ANIL, IMAML, MAML, MAMLpp, MetaSGD, Reptile
 from metagrad.check import CheckReport, check_meta_gradient
@@ -51,5 +52,6 @@ __all__ = [
     "jacobian",
     "keep_freed_memory",
     "linear_toy",
+    "load",
     "nth_derivative",
 ]
