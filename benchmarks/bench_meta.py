@@ -540,7 +540,7 @@ def metagrad_notes(wl: Workload, impls: list[Impl], rows: list[Row]) -> None:
     if not isinstance(wl, MetaWorkload):
         return
     from metagrad.algorithms import MAML
-    from metagrad.functional._meta import resolve_strategy
+    from metagrad.algorithms._task import resolve_strategy
 
     model, _ = wl.build(torch.float32)
     learner = MAML(copy.deepcopy(model), wl.loss_fn, wl.inner_lr, wl.steps)

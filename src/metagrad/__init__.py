@@ -7,7 +7,10 @@ The public surface, explicitly:
 * learners: :class:`MAML`, :class:`MetaSGD`, :class:`ANIL`, :class:`MAMLpp`, :class:`Reptile`,
   :class:`IMAML`
   (``metagrad.algorithms``), over the functional core ``metagrad.functional``;
-* differentiable inner optimizers: :class:`SGD`, :class:`Momentum`, :class:`Adam`;
+* the bilevel core: ``metagrad.bilevel`` (:func:`metagrad.bilevel.hypergrad` for any inner
+  optimization) and differentiable optimizers mirroring ``torch.optim``: ``metagrad.optim``;
+* deprecated inner optimizers :class:`SGD`, :class:`Momentum`, :class:`Adam` (use
+  ``metagrad.optim``);
 * verification: :func:`check_meta_gradient` / :class:`CheckReport` (``metagrad check``);
 * the seeds' toy: :func:`linear_toy` (``metagrad explain``);
 * errors: :class:`NonFiniteError`;
@@ -20,6 +23,7 @@ Optional subpackages, imported on demand: ``metagrad.viz`` (graphs, traces),
 
 from __future__ import annotations
 
+from metagrad import bilevel, optim
 from metagrad._errors import NonFiniteError
 from metagrad._load import load
 from metagrad._perf import keep_freed_memory
@@ -45,6 +49,7 @@ __all__ = [
     "Reptile",
     "ToyResult",
     "__version__",
+    "bilevel",
     "check_meta_gradient",
     "grad_norm_penalty",
     "hessian",
@@ -54,4 +59,5 @@ __all__ = [
     "linear_toy",
     "load",
     "nth_derivative",
+    "optim",
 ]

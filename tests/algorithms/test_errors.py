@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from metagrad._errors import NonFiniteError
 from metagrad.algorithms import ANIL, MAML, MetaSGD, Reptile
-from metagrad.functional._meta import STRATEGIES
+from metagrad.algorithms._task import STRATEGIES
 
 ENGINES = ["loop", "vmap"] + [s for s in ("hvp_chain",) if s in STRATEGIES]
 

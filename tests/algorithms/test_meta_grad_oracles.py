@@ -19,8 +19,8 @@ from reference import RefConfig, msl_weights_reference, reference_meta_grad
 from torch import nn
 
 from metagrad.algorithms import ANIL, MAML, MAMLpp, MetaSGD
+from metagrad.algorithms._task import STRATEGIES
 from metagrad.functional import Adam, Momentum
-from metagrad.functional._meta import STRATEGIES
 
 REF_TOL = 1e-10
 FD_TOL = 1e-6
@@ -451,15 +451,14 @@ def test_forced_vmap_on_batch_and_layer_norm_second_order_is_refused(case: Case)
 
 def test_forced_vmap_is_refused_by_the_functional_layer_too() -> None:
     """Order annealing can switch a learner to order 2 later: the engine re-checks every call."""
-    from metagrad.functional._meta import meta_gradient
+    from metagrad.algorithms._task import meta_gradient
 
     case = next(c for c in CASES if c.id == "bn-maml-o2-s2")
     learner, batch = build(case, "loop")
     spec = learner.inner_spec(learner.inner_steps, 2, training=True)
     with pytest.raises(ValueError, match="WRONG meta-gradients"):
         meta_gradient(
-            learner.fmodel,
-            learner.loss_fn,
+            learner.objective,
             spec,
             learner.fmodel.params(),
             {},

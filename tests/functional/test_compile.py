@@ -27,7 +27,7 @@ def _check(backend: bool | str) -> None:
         got = learner.meta_grad(*tasks)
         for k in eager:
             assert torch.allclose(got[k], eager[k], rtol=1e-10, atol=1e-14), k  # type: ignore[arg-type]
-    assert len(learner.fmodel.compiled) == 1
+    assert len(learner.cache.compiled) == 1
     loss = learner.meta_loss(*tasks)
     loss.backward()
     assert torch.allclose(model[0].weight.grad, eager["module.0.weight"], rtol=1e-10)  # type: ignore[arg-type]

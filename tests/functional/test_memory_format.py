@@ -131,7 +131,7 @@ def test_pool_before_relu_leaves_hooked_modules_alone() -> None:
 
 
 def test_auto_strategy_runs_conv_nets_as_the_nhwc_loop_on_cpu() -> None:
-    from metagrad.functional._meta import resolve_strategy
+    from metagrad.algorithms._task import resolve_strategy
 
     cpu = torch.device("cpu")
     conv_gn = MODELS["conv_gn"]  # not vmap-safe (norm layer): loop everywhere

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from metagrad._typing import LossFn, Params
+from metagrad.algorithms._task import InnerSpec, TaskLoss, run_task
 from metagrad.functional._checks import check_task, check_tasks
-from metagrad.functional._inner import AutogradBackend, InnerSpec, run_task
 from metagrad.functional._model import FunctionalModel, dtype_device
 
 
@@ -60,6 +60,19 @@ class Learner(nn.Module):
         self.module = model
         self.loss_fn = loss_fn
 
+    @property
+    def objective(self) -> TaskLoss:
+        """The support/query objective; rebuilt only when ``loss_fn`` is replaced, so compiled
+        functions keyed on it are reused across meta-steps."""
+        obj = self.__dict__.get("_objective")
+        if obj is None or obj.loss_fn is not self.loss_fn:
+            obj = self.make_objective()
+            self.__dict__["_objective"] = obj
+        return obj
+
+    def make_objective(self) -> TaskLoss:
+        return TaskLoss(self.fmodel, self.loss_fn, fn_name=self.fn_name)
+
     # -- pieces subclasses provide --------------------------------------------------------
     def extra_params(self) -> Params:
         """Meta-learned tensors besides the model's parameters (learned inner LRs...)."""
@@ -104,16 +117,8 @@ class Learner(nn.Module):
             extra = {k: v.detach() for k, v in extra.items()}
         self.fmodel.sync_modes()
         with torch.enable_grad():
-            _, adapted, _ = run_task(
-                self.fmodel,
-                self.loss_fn,
-                spec,
-                AutogradBackend(spec, 0),
-                theta,
-                extra,
-                self.fmodel.buffers(),
-                x,
-                y,
+            _, adapted = run_task(
+                self.objective, spec, None, theta, extra, self.fmodel.buffers(), x, y
             )
         if not differentiable:
             adapted = {k: v.detach() for k, v in adapted.items()}

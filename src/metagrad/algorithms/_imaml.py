@@ -21,23 +21,28 @@ Reference: Rajeswaran, Finn, Kakade, Levine, *Meta-Learning with Implicit Gradie
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from metagrad import optim
 from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.algorithms._base import Learner, check_lr, check_steps
+from metagrad.algorithms._task import InnerSpec, make_inner_optimizer
+from metagrad.bilevel import cg, custom_root
+from metagrad.bilevel._problem import AttachGrad
 from metagrad.functional._checks import check_task
-from metagrad.functional._inner import InnerSpec
-from metagrad.functional._meta import AttachGrad
-from metagrad.functional._optim import InnerOptimizer, make_inner_optimizer
 
 
 def conjugate_gradient(
-    matvec: object, b: list[Tensor], steps: int, tol: float = 1e-12
+    matvec: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], steps: int, tol: float = 1e-12
 ) -> tuple[list[Tensor], int, float]:
     r"""Solve :math:`A x = b` for symmetric positive-definite ``A`` given as ``matvec``.
+
+    A list-based view of :func:`metagrad.bilevel.cg`.
 
     Args:
         matvec: callable ``list[Tensor] -> list[Tensor]`` computing :math:`A v`.
@@ -48,29 +53,13 @@ def conjugate_gradient(
     Returns:
         ``(x, iterations, relative residual)``.
     """
-    mv = matvec  # typed loosely: Callable[[list[Tensor]], list[Tensor]]
+    keys = [str(i) for i in range(len(b))]
 
-    def dot(u: list[Tensor], v: list[Tensor]) -> Tensor:
-        return sum((a * c).sum() for a, c in zip(u, v))  # type: ignore[return-value]
+    def mv(v: Params) -> Params:
+        return dict(zip(keys, matvec([v[k] for k in keys])))
 
-    x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    p = [t.clone() for t in b]
-    rs = dot(r, r)
-    b_norm = float(rs.sqrt()) or 1.0
-    it = 0
-    for it in range(1, steps + 1):  # noqa: B007 (the count is returned)
-        ap = mv(p)  # type: ignore[operator]
-        alpha = rs / dot(p, ap)
-        x = [xi + alpha * pi for xi, pi in zip(x, p)]
-        r = [ri - alpha * ai for ri, ai in zip(r, ap)]
-        rs_new = dot(r, r)
-        if float(rs_new.sqrt()) <= tol * b_norm:
-            rs = rs_new
-            break
-        p = [ri + (rs_new / rs) * pi for ri, pi in zip(r, p)]
-        rs = rs_new
-    return x, it, float(rs.sqrt()) / b_norm
+    res = cg(mv, dict(zip(keys, b)), maxiter=steps, tol=tol)
+    return [res.x[k] for k in keys], res.iterations, res.residual
 
 
 class IMAML(Learner):
@@ -114,7 +103,7 @@ class IMAML(Learner):
         cg_steps: int = 5,
         cg_damping: float = 0.0,
         eval_steps: int | None = None,
-        inner_optimizer: str | InnerOptimizer = "sgd",
+        inner_optimizer: str | optim.Optimizer = "sgd",
         bn: str = "transductive",
         memory_format: str = "auto",
         check_finite: bool = True,
@@ -138,6 +127,8 @@ class IMAML(Learner):
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, fn)
         self.check_finite = bool(check_finite)
         self.last_cg: list[tuple[int, float]] = []  # (iterations, relative residual) per task
+        # per task: ||F(t*, theta)|| / (1 + ||t*||), how far the inner problem is from solved
+        self.last_residual: list[float] = []
 
     def default_eval_steps(self) -> int:
         return self.eval_steps
@@ -163,10 +154,10 @@ class IMAML(Learner):
                     check_finite(self.fn_name, loss, "proximal support loss", task, k)
                 grads = dict(zip(a, torch.autograd.grad(loss, list(a.values()))))
             t, state = self.inner_optimizer.update(
-                grads, state, {n: v.detach() for n, v in a.items()}, lrs, k
+                grads, state, {n: v.detach() for n, v in a.items()}, k, lrs
             )
             t = {n: v.detach() for n, v in t.items()}
-            state = {n: v.detach() for n, v in state.items()}
+            state = torch.utils._pytree.tree_map(lambda x: x.detach(), state)
         return t
 
     def task_gradient(
@@ -180,41 +171,55 @@ class IMAML(Learner):
         task: int,
         steps: int,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Query loss at :math:`t^\\star` and the implicit meta-gradient for one task."""
-        t_star = self.solve_inner(theta, buffers, xs, ys, steps, task)
-        names = list(t_star)
-        with torch.enable_grad():
-            a = {n: v.detach().requires_grad_() for n, v in t_star.items()}
-            q = self.loss_fn(self.fmodel.forward(a, buffers, xq), yq)
-            gq = list(torch.autograd.grad(q, [a[n] for n in names]))
-            support = self.loss_fn(self.fmodel.forward(a, buffers, xs), ys)
+        r"""Query loss at :math:`t^\star` and the implicit meta-gradient for one task.
+
+        The proximal problem's stationarity :math:`F(t, \theta) = \nabla L^s(t) + \lambda(t -
+        \theta) = 0` goes to :func:`metagrad.bilevel.custom_root`, whose backward solves
+        :math:`(H + \lambda I)u = \nabla L^q` by CG and returns :math:`\lambda u = (I +
+        H/\lambda)^{-1}\nabla L^q`.
+        """
+        names = list(theta)
+
+        def optimality(t: Params, anchor: Params) -> Params:
+            support = self.loss_fn(self.fmodel.forward(t, buffers, xs), ys)
             gs = torch.autograd.grad(
-                support, [a[n] for n in names], create_graph=True, allow_unused=True
+                support, [t[n] for n in names], create_graph=True, allow_unused=True
             )
-        if any(g is None for g in gs):
             missing = [n for n, g in zip(names, gs) if g is None]
-            raise ValueError(
-                f"{self.fn_name}: parameters {missing} do not reach the support loss; iMAML needs "
-                f"every trainable parameter in it. Freeze them with requires_grad=False."
-            )
-
-        def matvec(v: list[Tensor]) -> list[Tensor]:
-            with torch.enable_grad():
-                hv = torch.autograd.grad(
-                    gs, [a[n] for n in names], v, retain_graph=True, allow_unused=True
+            if missing:
+                raise ValueError(
+                    f"{self.fn_name}: parameters {missing} do not reach the support loss; iMAML "
+                    f"needs every trainable parameter in it. Freeze them with requires_grad=False."
                 )
-            return [
-                (1.0 + self.cg_damping) * vi + (torch.zeros_like(vi) if h is None else h) / self.lam
-                for vi, h in zip(v, hv)
-            ]
+            return {n: g + self.lam * (t[n] - anchor[n]) for n, g in zip(names, gs)}  # type: ignore[operator]
 
-        x, it, res = conjugate_gradient(matvec, gq, self.cg_steps)
-        self.last_cg.append((it, res))
+        def solver(t_init: Params, anchor: Params) -> Params:
+            return self.solve_inner(anchor, buffers, xs, ys, steps, task)
+
+        root = custom_root(
+            optimality,
+            solve="cg",
+            maxiter=self.cg_steps,
+            tol=1e-12,
+            damping=self.lam * self.cg_damping,  # (1 + d) I + H / lam, scaled by lam
+        )(solver)
+        anchor = {n: v.detach().requires_grad_() for n, v in theta.items()}
+        with warnings.catch_warnings(), torch.enable_grad():
+            # iMAML's contract is an approximate inner solution and a fixed CG budget; the
+            # residuals are recorded in last_cg / last_residual instead of warned about.
+            warnings.filterwarnings("ignore", "metagrad.bilevel.custom_root", RuntimeWarning)
+            t_star = root(anchor, anchor)
+            q = self.loss_fn(self.fmodel.forward(t_star, buffers, xq), yq)
+            grads = torch.autograd.grad(q, [anchor[n] for n in names])
+        info = root.last_result
+        assert info is not None  # set by the call above
+        self.last_cg.append((int(info.solve_iterations or 0), float(info.solve_residual or 0.0)))
+        self.last_residual.append(info.residual)
         if self.check_finite:
             check_finite(self.fn_name, q, "query loss", task, None)
-            for n, g in zip(names, x):
+            for n, g in zip(names, grads):
                 check_finite(self.fn_name, g, f"implicit meta-gradient of {n!r}", task, None)
-        return q.detach(), [g.detach() for g in x]
+        return q.detach(), [g.detach() for g in grads]
 
     def meta_grad(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor]:
         """Implicit meta-gradient keyed ``"module.<name>"`` (``.grad`` untouched)."""
@@ -234,6 +239,7 @@ class IMAML(Learner):
         total = {k: torch.zeros_like(v) for k, v in theta.items()}
         losses = []
         self.last_cg = []
+        self.last_residual = []
         for i in range(T):
             if not need_grad:  # validation: the inner solution's query loss only
                 t = self.solve_inner(theta, buffers, xs[i], ys[i], steps, i)

@@ -14,15 +14,25 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
+from metagrad import optim
 from metagrad._typing import LossFn, Params
 from metagrad.algorithms._base import Learner, Selector, check_lr, check_steps
-from metagrad.functional._inner import InnerSpec
-from metagrad.functional._meta import AttachGrad, MetaResult, meta_gradient, resolve_strategy
-from metagrad.functional._model import dtype_device, norm_module_names, select_names
-from metagrad.functional._optim import LR, InnerOptimizer, make_inner_optimizer
+from metagrad.algorithms._task import (
+    InnerSpec,
+    MetaResult,
+    TaskLoss,
+    make_inner_optimizer,
+    meta_gradient,
+    resolve_strategy,
+)
+from metagrad.bilevel import Cache
+from metagrad.bilevel._problem import LR, AttachGrad
+from metagrad.functional._model import Recorder, dtype_device, norm_module_names, select_names
 
 LEARN_LR = (None, "per_param", "per_step")
 
@@ -61,7 +71,9 @@ class MAML(Learner):
         inner_steps: inner steps during meta-training.
         order: 2 for the exact meta-gradient, 1 for first-order MAML (FOMAML).
         eval_steps: inner steps in eval mode and the default of :meth:`adapt` (default ``inner_steps``).
-        inner_optimizer: ``"sgd"``, ``"momentum"``, ``"adam"`` or an object like ``metagrad.Adam()``.
+        inner_optimizer: ``"sgd"``, ``"momentum"``, ``"adam"`` or a :mod:`metagrad.optim`
+            optimizer such as ``metagrad.optim.SGD(momentum=0.9, weight_decay=1e-4)`` (its
+            ``lr`` is replaced by ``inner_lr`` / the learned rates).
         learn_inner_lr: ``None`` (fixed), ``"per_param"`` (Meta-SGD: one learned rate per weight
             element) or ``"per_step"`` (MAML++ LSLR: one learned rate per parameter tensor per step).
         adapt: which parameters the inner loop adapts (ANIL): a name or module prefix, a list of
@@ -81,8 +93,9 @@ class MAML(Learner):
         strategy: ``"auto"`` (default), ``"loop"``, ``"vmap"``, ``"hvp_chain"`` or
             ``"checkpoint"``; see ``metagrad.functional``.
         compile: ``torch.compile`` the vmapped meta-gradient (vmap strategy only; True = inductor,
-            or a backend name). Compiles once per inner-loop configuration and batch shape (~45 s
-            for the sinusoid MLP on 1 CPU thread), then runs ~9x faster than eager: for long runs.
+            or a backend name). Compiles once per inner-loop configuration and batch shape (the
+            learner's :attr:`cache`), then runs several times faster than eager: for long runs
+            (timings in BENCHMARKS.md).
         allow_unused: adapted parameters that do not reach the support loss are left unchanged
             instead of raising.
         memory_format: ``"auto"`` (default: channels-last activations for stock ``torch.nn``
@@ -112,7 +125,7 @@ class MAML(Learner):
         order: int = 2,
         *,
         eval_steps: int | None = None,
-        inner_optimizer: str | InnerOptimizer = "sgd",
+        inner_optimizer: str | optim.Optimizer = "sgd",
         learn_inner_lr: str | None = None,
         adapt: Selector = None,
         multi_step_loss: bool = False,
@@ -166,6 +179,7 @@ class MAML(Learner):
         self.allow_unused = bool(allow_unused)
         self.check_finite = bool(check_finite)
         self.register_buffer("meta_step", torch.zeros((), dtype=torch.long))
+        self.cache = Cache()  # compiled meta-gradients and one-time checks of this learner
 
         trainable = self.fmodel.trainable
         live = self.fmodel.params()
@@ -224,8 +238,18 @@ class MAML(Learner):
                         src = bufs[f"{m}.running_{stat}"].detach().clone()
                         self.register_buffer(f"step_stats_s{k}__{_san(m)}__{stat}", src)
             self.fmodel.enable_stat_recording()
+        self._extra_names = {k: f"{d}.{key}" for k, (d, key) in self._extra_keys.items()}
 
     # -- engine hooks ----------------------------------------------------------------------
+    def make_objective(self) -> TaskLoss:
+        return TaskLoss(
+            self.fmodel,
+            self.loss_fn,
+            self._step_params if self.per_step_bn else None,
+            self._step_buffers if self._stat_modules else None,
+            fn_name=self.fn_name,
+        )
+
     def extra_params(self) -> Params:
         return {k: getattr(self, d)[key] for k, (d, key) in self._extra_keys.items()}
 
@@ -302,24 +326,22 @@ class MAML(Learner):
         tasks = self._tasks("meta_loss", xs, ys, xq, yq)
         steps = self.inner_steps if self.training else self.eval_steps
         spec = self.inner_spec(steps, self.current_order(), training=self.training)
-        record = bool(self._stat_modules) and self.training
-        self.fmodel.recording = [] if record else None
-        try:
-            res = meta_gradient(
-                self.fmodel,
-                self.loss_fn,
-                spec,
-                self.fmodel.params(),
-                self.extra_params(),
-                tasks,
-                strategy=self.strategy,
-                need_grad=need_grad,
-                compile=self.use_compile,
-            )
-            records = self.fmodel.recording
-        finally:
-            self.fmodel.recording = None
-            self.fmodel.record_step = None
+        records: Recorder | None = [] if self._stat_modules and self.training else None
+        objective = self.objective
+        if records is not None:
+            objective = dataclasses.replace(objective, recorder=records)
+        res = meta_gradient(
+            objective,
+            spec,
+            self.fmodel.params(),
+            self.extra_params(),
+            tasks,
+            strategy=self.strategy,
+            need_grad=need_grad,
+            compile=self.use_compile,
+            cache=self.cache,
+            extra_names=self._extra_names,
+        )
         if records:
             self._update_step_stats(records)
         return res
@@ -355,23 +377,11 @@ class MAML(Learner):
         """
         if self.training:
             self.meta_step += 1
-        leaves = {
-            **{f"theta:{k}": v for k, v in self.fmodel.params().items()},
-            **{f"extra:{k}": v for k, v in self.extra_params().items()},
-        }
-        grads = tuple(res.grads.get(k) for k in leaves)
-        out: Tensor = AttachGrad.apply(res.loss, grads, *leaves.values())
+        named = dict(self.named_parameters())
+        pairs = [(named[k], g) for k, g in res.grads.items()] + list(res.foreign)
+        out: Tensor = AttachGrad.apply(res.loss, tuple(g for _, g in pairs), *(t for t, _ in pairs))
         return out
 
     def meta_grad(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor | None]:
         """The meta-gradient keyed like ``learner.named_parameters()`` (``.grad`` untouched)."""
-        res = self.meta_result(xs, ys, xq, yq)
-        out: dict[str, Tensor | None] = {}
-        for k, g in res.grads.items():
-            kind, name = k.split(":", 1)
-            if kind == "theta":
-                out[f"module.{name}"] = g
-            else:
-                d, key = self._extra_keys[name]
-                out[f"{d}.{key}"] = g
-        return out
+        return self.meta_result(xs, ys, xq, yq).grads

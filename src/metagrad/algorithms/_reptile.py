@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from metagrad import optim
 from metagrad._errors import check_finite
 from metagrad._typing import LossFn, Params
 from metagrad.algorithms._base import Learner, check_lr, check_steps
-from metagrad.functional._inner import AutogradBackend, InnerSpec, run_task
-from metagrad.functional._meta import AttachGrad
-from metagrad.functional._optim import InnerOptimizer, make_inner_optimizer
+from metagrad.algorithms._task import InnerSpec, make_inner_optimizer, run_task
+from metagrad.bilevel._problem import AttachGrad
 
 
 class Reptile(Learner):
@@ -49,7 +49,7 @@ class Reptile(Learner):
         inner_steps: int = 5,
         *,
         eval_steps: int | None = None,
-        inner_optimizer: str | InnerOptimizer = "sgd",
+        inner_optimizer: str | optim.Optimizer = "sgd",
         bn: str = "transductive",
         memory_format: str = "auto",
         allow_unused: bool = False,
@@ -95,17 +95,7 @@ class Reptile(Learner):
         for i in range(T):
             th = {k: v.detach().requires_grad_() for k, v in theta.items()}
             with torch.enable_grad():
-                _, phi, _ = run_task(
-                    self.fmodel,
-                    self.loss_fn,
-                    spec,
-                    AutogradBackend(spec, i),
-                    th,
-                    {},
-                    buffers,
-                    xs[i],
-                    ys[i],
-                )
+                _, phi = run_task(self.objective, spec, None, th, {}, buffers, xs[i], ys[i], task=i)
             with torch.no_grad():
                 q = self.loss_fn(
                     self.fmodel.forward({k: phi[k] for k in theta}, buffers, xq[i]), yq[i]

@@ -78,7 +78,8 @@ def forward_mode(
                 for e in range(d.numel()):
                     tangent = [torch.zeros_like(x) for x in diff]
                     tangent[j].view(-1)[e] = 1.0
-                    value, dval, per = torch.func.jvp(objective, (diff,), (tangent,), has_aux=True)
+                    out = torch.func.jvp(objective, (diff,), (tangent,), has_aux=True)
+                    value, dval, per = out[0], out[1], out[2]  # type: ignore[misc]
                     grads[j].view(-1)[e] = dval
     except RuntimeError as err:
         if not is_forward_ad_gap(err):

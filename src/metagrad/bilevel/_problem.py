@@ -29,10 +29,8 @@ LRRule = Callable[[Any, int, str], LR]
 """``lr(h, step, name)``: learning rate of parameter ``name`` at inner ``step`` (read from ``h``)."""
 
 
-class Objective(Protocol):
-    """``f(w, h, batch) -> scalar`` (or ``f(w, h, batch, step)`` for a stepwise problem)."""
-
-    def __call__(self, w: Params, h: Any, batch: Any, /, *rest: int) -> Tensor: ...
+Objective = Callable[..., Tensor]
+"""``f(w, h, batch) -> scalar`` (or ``f(w, h, batch, step)`` for a stepwise problem)."""
 
 
 class Optimizer(Protocol):

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from metagrad import optim
 from metagrad.algorithms._maml import MAML
-from metagrad.functional._meta import meta_gradient, resolve_strategy
-from metagrad.functional._optim import SGD
+from metagrad.algorithms._task import meta_gradient, resolve_strategy
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,22 @@ def _flat(grads: dict[str, Tensor | None], like: dict[str, Tensor]) -> Tensor:
 def reference_meta_gradient(
     learner: MAML, tasks: tuple[Tensor, Tensor, Tensor, Tensor], order: int
 ) -> dict[str, Tensor] | None:
-    """Independent unrolled loop with ``torch.autograd.grad``; None for non-SGD inner loops."""
-    if not isinstance(learner.inner_optimizer, SGD):
+    """Independent unrolled loop with ``torch.autograd.grad``; None for non-SGD inner loops.
+
+    Keyed like ``learner.named_parameters()``.
+    """
+    opt = learner.inner_optimizer
+    if not isinstance(opt, optim.SGD) or opt.groups or opt.maximize:
+        return None
+    if opt.momentum != 0 or opt.weight_decay != 0:
         return None
     fm = learner.fmodel
     spec = learner.inner_spec(learner.inner_steps, order, training=True)
     theta = {k: v.detach().clone().requires_grad_() for k, v in fm.params().items()}
     extra = {k: v.detach().clone().requires_grad_() for k, v in learner.extra_params().items()}
     leaves = {
-        **{f"theta:{k}": v for k, v in theta.items()},
-        **{f"extra:{k}": v for k, v in extra.items()},
+        **{f"module.{k}": v for k, v in theta.items()},
+        **{learner._extra_names[k]: v for k, v in extra.items()},
     }
     frozen = {k: v.detach() for k, v in fm.source.named_parameters() if not v.requires_grad}
     buffers = fm.buffers()
@@ -181,18 +187,22 @@ def check_meta_gradient(
     order = ln.current_order()
     theta, extra = ln.fmodel.params(), ln.extra_params()
     like = {
-        **{f"theta:{k}": v for k, v in theta.items()},
-        **{f"extra:{k}": v for k, v in extra.items()},
+        **{f"module.{k}": v for k, v in theta.items()},
+        **{ln._extra_names[k]: v for k, v in extra.items()},
     }
 
     def grad_of(o: int) -> Tensor:
         spec_o = ln.inner_spec(ln.inner_steps, o, training=True)
-        return _flat(
-            meta_gradient(
-                ln.fmodel, ln.loss_fn, spec_o, theta, extra, tasks, strategy=ln.strategy
-            ).grads,
-            like,
+        res = meta_gradient(
+            ln.objective,
+            spec_o,
+            theta,
+            extra,
+            tasks,
+            strategy=ln.strategy,
+            extra_names=ln._extra_names,
         )
+        return _flat(res.grads, like)
 
     # Finite differences test the exact gradient (first order is not the loss's gradient); the
     # unrolled reference tests the learner's own order.
@@ -209,14 +219,7 @@ def check_meta_gradient(
             offset += n
         try:
             return meta_gradient(
-                ln.fmodel,
-                ln.loss_fn,
-                spec,
-                theta,
-                extra,
-                tasks,
-                strategy=ln.strategy,
-                need_grad=False,
+                ln.objective, spec, theta, extra, tasks, strategy=ln.strategy, need_grad=False
             ).loss
         finally:
             offset = 0
@@ -243,7 +246,8 @@ def check_meta_gradient(
     ref_err = None
     note = ""
     if ref is None:
-        note = f"no unrolled reference for inner optimizer {ln.inner_optimizer.name!r}; FD only"
+        name = type(ln.inner_optimizer).__name__
+        note = f"no unrolled reference for inner optimizer {name} (plain SGD only); FD only"
     else:
         r = torch.cat([ref[k].reshape(-1) for k in like])
         ref_err = float((g - r).norm() / r.norm().clamp_min(1e-300))

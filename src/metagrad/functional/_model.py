@@ -29,11 +29,11 @@ the convolutions changes).
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,14 @@ from metagrad._typing import Buffers, Params
 from metagrad.functional._fastbn import use_batch_stats_norm
 
 BN_POLICIES = ("transductive", "running")
+
+Recorder = list[tuple[str, int, Tensor, Tensor]]
+"""Per-step batch statistics recorded by norm layers: (module name, step, mean, var)."""
+
+# The recorder of the forward pass in progress (set by ``FunctionalModel.forward``).
+_RECORDING: contextvars.ContextVar[tuple[Recorder, int] | None] = contextvars.ContextVar(
+    "metagrad_recording", default=None
+)
 MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 
 _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -103,27 +111,13 @@ class FunctionalModel:
     buffer_names: list[str]
     bn: str
     _mode_pairs: list[tuple[nn.Module, nn.Module]] = field(default_factory=list)
-    # Per-step running statistics (MAML++): while ``recording`` is a list, every norm layer with
-    # statistics appends (module name, record_step, batch mean, batch var) of its input.
-    recording: list[tuple[str, int, Tensor, Tensor]] | None = None
-    record_step: int | None = None
     _hooked: bool = False
-    # Caches for the vmap strategy: compiled meta-gradient functions, and the (adapted names,
-    # allow_unused) pairs whose "every adapted parameter reaches the support loss" probe passed.
-    compiled: dict[Any, Any] = field(default_factory=dict)
-    reach_checked: set[Any] = field(default_factory=set)
     # Resolved ``memory_format``: None (never), "cpu" (CPU inputs only: auto) or "any".
     channels_last: str | None = None
 
     def __post_init__(self) -> None:
         # forward() runs per inner step per task: look buffer names up in a set built once.
         self._buffer_set = frozenset(self.buffer_names)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Compiled functions do not copy or pickle; a copy recompiles on first use.
-        state = dict(self.__dict__)
-        state["compiled"], state["reach_checked"] = {}, set()
-        return state
 
     @classmethod
     def from_module(
@@ -215,22 +209,38 @@ class FunctionalModel:
 
     def _make_hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            if self.recording is None or self.record_step is None or not module.training:
+            active = _RECORDING.get()
+            if active is None or not module.training:
                 return
+            recorder, step = active
             x = args[0].detach()
             dims = [0, *range(2, x.dim())]
-            self.recording.append(
-                (name, self.record_step, x.mean(dims), x.var(dims, unbiased=True))
-            )
+            recorder.append((name, step, x.mean(dims), x.var(dims, unbiased=True)))
 
         return hook
 
-    def forward(self, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
+    def forward(
+        self,
+        params: Params,
+        buffers: Buffers,
+        x: Tensor,
+        *,
+        recorder: Recorder | None = None,
+        step: int = 0,
+    ) -> Tensor:
         """Run the template with ``params`` (trainable subset; frozen ones are added).
 
         Entries of ``params`` named like a buffer (per-step statistics returned by ``adapt``)
-        override that buffer.
+        override that buffer. With a ``recorder`` (and :meth:`enable_stat_recording`), every
+        norm layer with statistics appends ``(module name, step, batch mean, batch var)`` of
+        its input during this call.
         """
+        if recorder is not None:
+            token = _RECORDING.set((recorder, step))
+            try:
+                return self.forward(params, buffers, x)
+            finally:
+                _RECORDING.reset(token)
         extra_bufs = self._buffer_set.intersection(params)
         if extra_bufs:
             buffers = {**buffers, **{k: params[k] for k in extra_bufs}}

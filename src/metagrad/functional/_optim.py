@@ -7,6 +7,7 @@ Learning rates multiply the optimizer's direction and may be learned tensors (Me
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,9 @@ class SGD:
 
     name: str = "sgd"
 
+    def __post_init__(self) -> None:
+        _deprecated("SGD", "metagrad.optim.SGD()")
+
     def init(self, params: Params) -> OptState:
         return {}
 
@@ -57,6 +61,9 @@ class Momentum:
     beta: float = 0.9
     nesterov: bool = False
     name: str = "momentum"
+
+    def __post_init__(self) -> None:
+        _deprecated("Momentum", "metagrad.optim.SGD(momentum=beta, nesterov=...)")
 
     def init(self, params: Params) -> OptState:
         return {k: torch.zeros_like(p) for k, p in params.items()}
@@ -87,6 +94,9 @@ class Adam:
     eps: float = 1e-8
     name: str = "adam"
 
+    def __post_init__(self) -> None:
+        _deprecated("Adam", "metagrad.optim.Adam(betas=(b1, b2), eps=0.0, eps_root=eps)")
+
     def init(self, params: Params) -> OptState:
         state = {f"m.{k}": torch.zeros_like(p) for k, p in params.items()}
         state.update({f"v.{k}": torch.zeros_like(p) for k, p in params.items()})
@@ -108,19 +118,10 @@ class Adam:
         return out, new_state
 
 
-def make_inner_optimizer(spec: str | InnerOptimizer, fn_name: str) -> InnerOptimizer:
-    """Resolve ``"sgd" | "momentum" | "adam"`` or pass an optimizer object through."""
-    if isinstance(spec, str):
-        table: dict[str, InnerOptimizer] = {"sgd": SGD(), "momentum": Momentum(), "adam": Adam()}  # type: ignore[dict-item]
-        if spec not in table:
-            raise ValueError(
-                f"{fn_name}: inner_optimizer={spec!r} is not known; use 'sgd', 'momentum', 'adam' "
-                f"or an object such as metagrad.Adam(b1=0.9, b2=0.999, eps=1e-8)."
-            )
-        return table[spec]
-    if not (hasattr(spec, "init") and hasattr(spec, "update")):
-        raise TypeError(
-            f"{fn_name}: inner_optimizer={spec!r} has no init/update methods; pass 'sgd', "
-            f"'momentum', 'adam' or an InnerOptimizer such as metagrad.Momentum(beta=0.9)."
-        )
-    return spec
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"metagrad.{old} is deprecated; use {new} (metagrad.optim mirrors torch.optim and "
+        f"works in metagrad.bilevel too).",
+        DeprecationWarning,
+        stacklevel=4,
+    )

@@ -6,7 +6,7 @@ PyTorch gives nodes of a backward-of-backward graph ordinary names: differentiat
 a dedicated ATen kernel show it in the name (``MseLossBackwardBackward0``,
 ``ConvolutionBackwardBackward0``, ``ThresholdBackwardBackward0``). Names are therefore useless for
 finding the second-order part; this module finds it by *provenance*: the inner loop is run by the
-engine (:func:`metagrad.functional._inner.run_task`) with a recording gradient backend, and the
+engine (:func:`metagrad.algorithms._task.run_task`) with a recording gradient backend, and the
 nodes reachable from the inner gradients but not from the support loss or the parameters are
 exactly those ``create_graph=True`` added. They are the paths first-order MAML drops.
 """
@@ -21,8 +21,9 @@ from torch import Tensor
 
 from metagrad._typing import Params
 from metagrad.algorithms._base import Learner, check_steps
+from metagrad.algorithms._task import InnerSpec, run_task, task_problem
+from metagrad.bilevel._inner import AutogradBackend, GradBackend
 from metagrad.functional._checks import check_task
-from metagrad.functional._inner import AutogradBackend, InnerSpec, run_task
 
 __all__ = ["GraphNode", "MetaGraph", "meta_graph"]
 
@@ -162,10 +163,10 @@ class _StepRecord:
     grads: Params
 
 
-class _RecordingBackend:
+class _RecordingBackend(GradBackend):
     """Wraps the engine's autograd backend and keeps each step's tensors for classification."""
 
-    def __init__(self, inner: AutogradBackend) -> None:
+    def __init__(self, inner: GradBackend) -> None:
         self.inner = inner
         self.records: list[_StepRecord] = []
 
@@ -238,21 +239,12 @@ def meta_graph(
     spec: InnerSpec = learner.inner_spec(steps, order, training=True)
     theta = learner.fmodel.params()
     extra = learner.extra_params()
-    backend = _RecordingBackend(AutogradBackend(spec, 0))
+    problem = task_problem(spec, learner.objective)
+    backend = _RecordingBackend(AutogradBackend(problem, 0, create_graph=order == 2))
     learner.fmodel.sync_modes()
     with torch.enable_grad():
-        objective, final, _ = run_task(
-            learner.fmodel,
-            learner.loss_fn,
-            spec,
-            backend,
-            theta,
-            extra,
-            learner.fmodel.buffers(),
-            xs,
-            ys,
-            xq,
-            yq,
+        objective, final = run_task(
+            learner.objective, spec, backend, theta, extra, learner.fmodel.buffers(), xs, ys, xq, yq
         )
     assert objective is not None  # xq was given
     if title is None:

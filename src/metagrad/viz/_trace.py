@@ -123,12 +123,12 @@ def inner_trace(
                 lrs = {n: spec.lr_rule(extra, k, n) for n in adapted}
                 row["step_size"] = sum(_mean_rate(r) for r in lrs.values()) / max(len(lrs), 1)
                 with torch.no_grad():
-                    new, state = spec.optimizer.update(grads, state, adapted, lrs, k)
+                    new, state = spec.optimizer.update(grads, state, adapted, k, lrs)
                 row["update_norm"] = math.sqrt(
                     sum(float((new[n] - adapted[n]).detach().pow(2).sum()) for n in adapted)
                 )
                 adapted = {n: t.detach().requires_grad_() for n, t in new.items()}
-                state = {n: t.detach() for n, t in state.items()}
+                state = torch.utils._pytree.tree_map(lambda t: t.detach(), state)
             rows.append(row)
     return rows
 

@@ -1,0 +1,376 @@
+r"""A meta-batch of few-shot tasks as a batch of bilevel problems (what every learner builds).
+
+For task :math:`i` with support :math:`(x^s, y^s)` and query :math:`(x^q, y^q)`:
+
+.. math::
+    w_0 = \theta_A,\qquad w_{k+1} = U(w_k, \nabla_w L_s(w_k), a_k),\qquad
+    \mathcal{L}_i(\theta) = \sum_{k=1}^{K} c_k\, L_q(w_k)\quad (c = e_K \text{ by default}),
+
+a :class:`metagrad.bilevel.Problem` whose inner and outer objectives are the model's loss on the
+support and on the query set, whose initialization :math:`w_0` is the adapted subset
+:math:`\theta_A` of the model's parameters, and whose hyperparameters are a :class:`TaskHyper`:
+the parameters that are meta-learned but not adapted (ANIL's body), the learned extras (inner
+learning rates, per-step norm weights) and the model's buffers (constants).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from metagrad import optim
+from metagrad._typing import Buffers, LossFn, Params
+from metagrad.bilevel import Cache, Problem, hypergrad
+from metagrad.bilevel._inner import AutogradBackend, GradBackend, run
+from metagrad.bilevel._problem import LR
+from metagrad.functional._model import FunctionalModel, Recorder
+
+STRATEGIES = ("auto", "loop", "vmap", "hvp_chain", "checkpoint")
+_BILEVEL = {"loop": "unroll", "vmap": "vmap", "hvp_chain": "adjoint", "checkpoint": "checkpoint"}
+
+LRRule = Callable[[Params, int, str], LR]
+"""``lr_rule(extra, step, name)``: inner learning rate of parameter ``name`` at ``step``."""
+
+StepParams = Callable[[Params, int], Params]
+"""``step_params(extra, step)``: parameters that replace the model's at ``step`` (per-step BN)."""
+
+StepBuffers = Callable[[int], Buffers]
+"""``step_buffers(step)``: buffers (per-step running statistics) that replace the model's at ``step``."""
+
+
+@dataclass(frozen=True)
+class InnerSpec:
+    """Static description of a learner's inner loop (everything but the tensors)."""
+
+    steps: int
+    order: int
+    optimizer: optim.Optimizer
+    adapt_names: tuple[str, ...]
+    lr_rule: LRRule
+    step_params: StepParams | None = None
+    step_buffers: StepBuffers | None = None
+    step_weights: tuple[float, ...] | None = None
+    allow_unused: bool = False
+    check_finite: bool = True
+    fn_name: str = "metagrad"
+
+
+class TaskHyper(NamedTuple):
+    """The hyperparameters of a task problem (a pytree the engine differentiates leafwise)."""
+
+    fixed: Params
+    extra: Params
+    buffers: Buffers
+
+
+@dataclass(frozen=True, eq=False)
+class TaskLoss:
+    """``loss_fn(model(x; params at step k), y)``: the support and the query objective.
+
+    Compared and hashed by identity: a learner keeps one, so compiled functions keyed on the
+    problem are reused across meta-steps.
+    """
+
+    fm: FunctionalModel
+    loss_fn: LossFn
+    step_params: StepParams | None = None
+    step_buffers: StepBuffers | None = None
+    recorder: Recorder | None = None
+    fn_name: str = "metagrad"
+
+    def params_at(self, w: Params, h: TaskHyper, step: int) -> Params:
+        """Every parameter the forward pass reads at ``step``: fixed, adapted, per-step."""
+        full = {**h.fixed, **w}
+        if self.step_params is not None:
+            full.update(self.step_params(h.extra, step))
+        return full
+
+    def buffers_at(self, h: TaskHyper, step: int) -> Buffers:
+        if self.step_buffers is None:
+            return h.buffers
+        return {**h.buffers, **self.step_buffers(step)}
+
+    def __call__(self, w: Params, h: TaskHyper, batch: tuple[Tensor, Tensor], step: int) -> Tensor:
+        x, y = batch
+        pred = self.fm.forward(
+            self.params_at(w, h, step),
+            self.buffers_at(h, step),
+            x,
+            recorder=self.recorder,
+            step=step,
+        )
+        out = self.loss_fn(pred, y)
+        if not isinstance(out, Tensor) or out.dim() != 0:
+            # Autograd's "grad can be implicitly created only for scalar outputs" does not say
+            # that loss_fn is at fault; under vmap the shape seen here is the per-task one.
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"{self.fn_name}: loss_fn must return a scalar tensor (the mean loss over one "
+                f"task's examples), got {got}. Reduce it, e.g. reduction='mean' or .mean()."
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class _LRFromExtra:
+    """``problem.lr``: the learner's rule read from the learned extras (hashable, stable)."""
+
+    rule: LRRule
+
+    def __call__(self, h: TaskHyper, step: int, name: str) -> LR:
+        return self.rule(h.extra, step, name)
+
+
+def task_problem(spec: InnerSpec, objective: TaskLoss) -> Problem:
+    """The bilevel problem of one task of the meta-batch."""
+    return Problem(
+        inner=objective,
+        outer=objective,
+        optimizer=spec.optimizer,
+        steps=spec.steps,
+        order=spec.order,
+        lr=_LRFromExtra(spec.lr_rule),
+        outer_weights=spec.step_weights,
+        stepwise=True,
+        allow_unused=spec.allow_unused,
+        allow_unused_hyper=True,  # a learned rate of an unused step simply has no gradient
+        check_finite=spec.check_finite,
+        name=spec.fn_name,
+        unit="task",
+        inner_name="support loss",
+        outer_name="query loss",
+    )
+
+
+def split(
+    spec: InnerSpec, theta: Params, extra: Params, buffers: Buffers
+) -> tuple[Params, TaskHyper]:
+    """``(w0, h)``: the adapted parameters and the rest."""
+    w0 = {n: theta[n] for n in spec.adapt_names}
+    fixed = {n: t for n, t in theta.items() if n not in w0}
+    return w0, TaskHyper(fixed, extra, buffers)
+
+
+def run_task(
+    objective: TaskLoss,
+    spec: InnerSpec,
+    backend: GradBackend | None,
+    theta: Params,
+    extra: Params,
+    buffers: Buffers,
+    xs: Tensor,
+    ys: Tensor,
+    xq: Tensor | None = None,
+    yq: Tensor | None = None,
+    task: int = 0,
+) -> tuple[Tensor | None, Params]:
+    """Adapt ``theta`` on one support set; return (query objective or None, every parameter).
+
+    ``backend`` computes the inner gradients (default: autograd, ``create_graph`` at order 2;
+    the graph drawing passes a recording one). The returned dict holds all parameters (adapted, fixed, per-step) as the forward pass after
+    the last step reads them, plus the last step's per-step statistics when configured, so
+    :meth:`Learner.predict` can use it directly.
+    """
+    problem = task_problem(spec, objective)
+    if backend is None:
+        backend = AutogradBackend(problem, task, create_graph=spec.order == 2)
+    w0, h = split(spec, theta, extra, buffers)
+    outer = None if xq is None or yq is None else (xq, yq)
+    obj, w, _ = run(problem, backend, w0, h, {}, (xs, ys), outer)
+    final = objective.params_at(w, h, spec.steps)
+    if spec.step_buffers is not None:  # predict() then reads the statistics of the last step
+        final.update(spec.step_buffers(spec.steps))
+    return obj, final
+
+
+@dataclass
+class MetaResult:
+    """Mean query objective over tasks and its gradient, keyed like ``learner.named_parameters()``.
+
+    ``foreign`` pairs each closed-over tensor that reaches the meta-loss with its gradient.
+    """
+
+    loss: Tensor
+    grads: dict[str, Tensor | None]
+    per_task: Tensor
+    foreign: list[tuple[Tensor, Tensor]]
+
+
+def meta_gradient(
+    objective: TaskLoss,
+    spec: InnerSpec,
+    theta: Params,
+    extra: Params,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+    *,
+    strategy: str = "auto",
+    need_grad: bool = True,
+    compile: bool | str = False,
+    cache: Cache | None = None,
+    extra_names: dict[str, str] | None = None,
+) -> MetaResult:
+    """Mean query objective over the meta-batch and its exact gradient.
+
+    Args:
+        objective: the learner's :class:`TaskLoss`.
+        spec: the inner loop.
+        theta: the model's trainable parameters; extra: the learned extras.
+        tasks: ``(xs, ys, xq, yq)`` with a leading task dimension.
+        strategy: ``"auto"``, ``"loop"``, ``"vmap"``, ``"hvp_chain"`` or ``"checkpoint"``.
+        extra_names: engine key of each extra -> its name in ``learner.named_parameters()``.
+
+    Returns:
+        :class:`MetaResult` with gradients keyed ``"module.<name>"`` for the model's parameters
+        and by ``extra_names`` for the extras.
+    """
+    fm = objective.fm
+    fm.sync_modes()
+    xs, ys, xq, yq = tasks
+    chosen = resolve_strategy(strategy, fm, spec.fn_name, spec.order, xs.device)
+    if compile and chosen != "vmap":
+        raise ValueError(
+            f"{spec.fn_name}: compile=True needs the vmap strategy, but this model runs with "
+            f"strategy={chosen!r} (norm layers, RNNs or custom layers). Use compile=False; "
+            f"torch.compile measured no speed-up on the per-task loop of a conv+BN net."
+        )
+    w0, h = split(spec, theta, extra, fm.buffers())
+    problem = task_problem(spec, objective)
+    try:
+        res = hypergrad(
+            problem,
+            w0,
+            h,
+            (xs, ys),
+            (xq, yq),
+            strategy="auto" if strategy == "auto" else _BILEVEL[chosen],
+            vmap_ok=chosen == "vmap",
+            batched=True,
+            need_grad=need_grad,
+            compile=compile,
+            cache=cache,
+        )
+    except (IndexError, RuntimeError) as err:  # cross_entropy's "Target 7 is out of bounds"
+        if isinstance(err, RuntimeError) and "out of bounds" not in str(err):
+            raise  # (under vmap the same mistake surfaces as a RuntimeError)
+        raise ValueError(
+            f"{spec.fn_name}: loss_fn raised {type(err).__name__} ({str(err).splitlines()[0]}). "
+            f"For classification the targets ys/yq must be integer labels in [0, number of "
+            f"classes) of the model's output; remap each task's labels to 0..N-1."
+        ) from err
+    names = extra_names or {}
+    grads: dict[str, Tensor | None] = {}
+    if need_grad:
+        g = res.grads
+        for n in theta:
+            grads[f"module.{n}"] = g.w0[n] if n in g.w0 else g.h.fixed[n]
+        for k in extra:
+            grads[names.get(k, k)] = g.h.extra[k]
+    return MetaResult(res.value, grads, res.per_problem, res.foreign)
+
+
+def resolve_strategy(
+    strategy: str,
+    fm: FunctionalModel,
+    fn_name: str,
+    order: int = 2,
+    device: torch.device | None = None,
+) -> str:
+    """The concrete strategy for ``strategy`` on this model; refuses a vmap that would be wrong.
+
+    ``auto``: ``vmap`` for vmap-safe models, except conv nets that run channels-last (CPU),
+    where the per-task NHWC loop is faster because vmap's batched convolutions run NCHW
+    (BENCHMARKS.md).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"{fn_name}: strategy={strategy!r} is not known; use one of {STRATEGIES} "
+            f"('auto' picks vmap where it is exact and fast, else the per-task loop)."
+        )
+    if strategy == "auto":
+        nhwc = fm.channels_last == "any" or (
+            fm.channels_last == "cpu" and (device is None or device.type == "cpu")
+        )
+        return "vmap" if fm.vmap_safe() and not nhwc else "loop"
+    if strategy == "vmap" and order == 2:
+        bad = fm.vmap_wrong_second_order()
+        if bad:
+            raise ValueError(
+                f"{fn_name}: strategy='vmap' with order=2 gives WRONG meta-gradients for this model: "
+                f"the batched double backward of {bad} differs from the exact one (measured "
+                f"relative error 1e-3 to 4e-2; cf. pytorch/functorch#534). Use strategy='auto' or "
+                f"'loop' (exact), or 'hvp_chain' for many inner steps."
+            )
+    return strategy
+
+
+def make_inner_optimizer(spec: object, fn_name: str) -> optim.Optimizer:
+    """``"sgd" | "momentum" | "adam"``, a :mod:`metagrad.optim` optimizer, or a legacy one.
+
+    The strings keep their meaning: ``"momentum"`` is heavy ball with 0.9; ``"adam"`` puts
+    ``eps = 1e-8`` inside the square root (``eps_root``), so the update stays smooth where an
+    inner gradient is exactly zero. The learner's ``inner_lr`` (or learned rates) replace the
+    optimizer's own ``lr``.
+    """
+    from metagrad.functional import _optim as legacy
+
+    if isinstance(spec, str):
+        table: dict[str, optim.Optimizer] = {
+            "sgd": optim.SGD(),
+            "momentum": optim.SGD(momentum=0.9),
+            "adam": optim.Adam(eps=0.0, eps_root=1e-8),
+        }
+        if spec not in table:
+            raise ValueError(
+                f"{fn_name}: inner_optimizer={spec!r} is not known; use 'sgd', 'momentum', 'adam' "
+                f"or an optimizer such as metagrad.optim.Adam(eps=0.0, eps_root=1e-8)."
+            )
+        return table[spec]
+    if isinstance(spec, legacy.SGD):
+        return optim.SGD()
+    if isinstance(spec, legacy.Momentum):
+        return optim.SGD(momentum=spec.beta, nesterov=spec.nesterov)
+    if isinstance(spec, legacy.Adam):
+        return optim.Adam(betas=(spec.b1, spec.b2), eps=0.0, eps_root=spec.eps)
+    if all(hasattr(spec, a) for a in ("init", "update", "hyperparams", "with_hyperparams")):
+        return spec  # type: ignore[return-value]
+    if hasattr(spec, "init") and hasattr(spec, "update"):
+        warnings.warn(
+            f"{fn_name}: inner_optimizer={spec!r} follows the old InnerOptimizer protocol "
+            f"update(grads, state, params, lrs, step); it is adapted, but write it against "
+            f"metagrad.optim's update(grads, state, params, step, lrs) protocol.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return _Legacy(spec)
+    raise TypeError(
+        f"{fn_name}: inner_optimizer={spec!r} has no init/update methods; pass 'sgd', "
+        f"'momentum', 'adam' or a metagrad.optim optimizer such as metagrad.optim.SGD(momentum=0.9)."
+    )
+
+
+@dataclass(frozen=True)
+class _Legacy:
+    """An optimizer written against the old ``update(grads, state, params, lrs, step)``."""
+
+    inner: Any
+
+    def init(self, params: Params) -> Any:
+        return self.inner.init(params)
+
+    def update(
+        self, grads: Params, state: Any, params: Params, step: int, lrs: Any = None
+    ) -> tuple[Params, Any]:
+        lrs = lrs if lrs is not None else {k: 1.0 for k in params}
+        out: tuple[Params, Any] = self.inner.update(grads, state, params, lrs, step)
+        return out
+
+    def hyperparams(self) -> dict[str, Tensor]:
+        return {}
+
+    def with_hyperparams(self, values: Any) -> _Legacy:
+        return self
