@@ -22,7 +22,7 @@ from metagrad._perf import keep_freed_memory
 from metagrad.distributed import check_same_config, init_from_env
 from metagrad.tasks import DatasetError, derive_seed
 from metagrad.training._build import TEST_STREAM, make_sampler
-from metagrad.training._checkpoint import CheckpointError, load_checkpoint
+from metagrad.training._checkpoint import CheckpointError, OutputWriteError, load_checkpoint
 from metagrad.training._config import (
     ALGORITHMS,
     ALIASES,
@@ -205,9 +205,23 @@ def _finish(
         print("(paper: MAML, Finn et al. 2017)")
     if out is None:
         return
-    write_results(out / "results.json", cfg, result, iteration=trainer.iteration,
-                  train_time_s=train_time, eval_time_s=eval_time,
-                  config_changes=trainer.config_changes)  # fmt: skip
+    try:
+        write_results(out / "results.json", cfg, result, iteration=trainer.iteration,
+                      train_time_s=train_time, eval_time_s=eval_time,
+                      config_changes=trainer.config_changes)  # fmt: skip
+    except OSError as err:
+        saved = (
+            f"the checkpoint of iteration {trainer.iteration} is saved in {str(out)!r}; "
+            if cmd == "train"
+            else ""
+        )
+        e = OutputWriteError(
+            f"could not write {str(out / 'results.json')!r} ({err.strerror or err}); {saved}the "
+            f"table above is the result. Fix: free space, then rerun the evaluation with "
+            f"`metagrad eval {out if cmd == 'train' else '<checkpoint>'}`."
+        )
+        e.errno = err.errno
+        raise e from err
     made = []
     try:
         made = make_plots(trainer, out) if plots else []

@@ -43,6 +43,8 @@ from metagrad.training._checkpoint import (
     CHECKPOINT,
     PREVIOUS,
     CheckpointError,
+    OutputWriteError,
+    clean_stale_temp_files,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -87,6 +89,7 @@ def prepare_output(
             f"output directory {str(out)!r} is not writable ({err.strerror or err}). Fix: choose "
             f"another --output."
         ) from None
+    clean_stale_temp_files(out)  # left by a run killed while writing (may recover checkpoint.pt)
     has_ckpt = (out / CHECKPOINT).exists() or (out / PREVIOUS).exists()
     if has_ckpt and overwrite and not resume:
         for name in (CHECKPOINT, PREVIOUS, METRICS):
@@ -291,6 +294,7 @@ class Trainer:
         self.last_val: EvalResult | None = None
         self._sigint = _Sigint()
         self._skips_in_a_row = 0
+        self.saved_iteration: int | None = None  # the iteration safely on disk
         if ckpt is not None:
             self._restore(
                 ckpt, lr_changed=bool({"meta_lr", "min_lr", "lr_schedule"} & set(changes))
@@ -395,6 +399,7 @@ class Trainer:
         for k, s in self.samplers.items():
             s.load_state_dict(ckpt["samplers"][k])
         self.iteration = int(ckpt["iteration"])
+        self.saved_iteration = self.iteration
         self.skipped = int(ckpt.get("skipped", 0))
         self.elapsed = float(ckpt.get("elapsed_s", 0.0))
         self._truncate_metrics()
@@ -433,7 +438,34 @@ class Trainer:
                 f"{str(self.output)!r} is kept). Fix: lower --meta-lr or pass --clip-grad, and "
                 f"resume from that checkpoint.",
             )  # fmt: skip
-        return save_checkpoint(self.state_dict(), self.output)
+        try:
+            path = save_checkpoint(self.state_dict(), self.output)
+        except OSError as err:
+            raise self._write_error(
+                self.output / CHECKPOINT, "write the checkpoint of", err
+            ) from err
+        self.saved_iteration = self.iteration
+        return path
+
+    def _write_error(self, path: Path, doing: str, err: OSError) -> OutputWriteError:
+        """Disk full / read-only: which file, what is safely saved, how to continue."""
+        why = err.strerror or str(err)
+        if err.errno is not None:
+            why = f"{why}, errno {err.errno}"
+        out = path.parent
+        if self.saved_iteration is None:
+            safe = "no checkpoint of this run is on disk yet. Fix: free space, then start again"
+        else:
+            safe = (
+                f"{str(out / CHECKPOINT)!r} safely holds iteration {self.saved_iteration}. Fix: "
+                f"free space (or make the folder writable), then continue with `metagrad train "
+                f"--resume --output {out}`"
+            )
+        e = OutputWriteError(
+            f"could not {doing} iteration {self.iteration} to {str(path)!r} ({why}); {safe}."
+        )
+        e.errno = err.errno
+        return e
 
     # -- logging -----------------------------------------------------------------------------
     def _truncate_metrics(self) -> None:
@@ -452,11 +484,14 @@ class Trainer:
             return
         path = self.output / METRICS
         new = not path.exists()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        try:
+            with open(path, "a", newline="") as f:
+                w = csv.DictWriter(f, COLUMNS)
+                if new:
+                    w.writeheader()
+                w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        except OSError as err:
+            raise self._write_error(path, "append the log row of", err) from err
         if writer is not None:
             for k, v in row.items():
                 if k != "iteration" and v not in (None, ""):
