@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 from metagrad._errors import NonFiniteError
 from metagrad._perf import keep_freed_memory
-from metagrad.distributed import check_same_config, init_from_env
+from metagrad.distributed import DistributedError, check_same_config, init_from_env
 from metagrad.tasks import DatasetError, derive_seed
 from metagrad.training._build import TEST_STREAM, make_sampler
 from metagrad.training._checkpoint import CheckpointError, OutputWriteError, load_checkpoint
@@ -40,7 +41,9 @@ from metagrad.training._report import make_plots, paper_reference, write_results
 from metagrad.training._trainer import Trainer
 
 Subparsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteError, ValueError, OSError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteError, ValueError, OSError,
+               DistributedError)  # fmt: skip
+DIST_TIMEOUT_S = 60.0  # default of --dist-timeout: well under gloo's 300 s for CPU jobs
 # flag dest -> TrainConfig field (only flags given on the command line override).
 TRAIN_FLAGS = {
     "data": "data", "algorithm": "algorithm", "iterations": "iterations", "seed": "seed",
@@ -146,6 +149,13 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _pos_float(text: str) -> float:
+    v = _float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
 def _fractions(text: str) -> list[float]:
     try:
         parts = [float(t) for t in text.split(",")]
@@ -241,7 +251,9 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         cfg = build_config(args)
         out = Path(args.output) if args.output else Path("runs") / f"{cfg.task}-{cfg.algorithm}"
-        rank, world = init_from_env()  # torchrun: join the process group (gloo on CPU)
+        # torchrun: join the process group (gloo on CPU); a hung or dead rank ends the others
+        # within --dist-timeout seconds instead of gloo's 300 s default.
+        rank, world = init_from_env(timeout_s=args.dist_timeout)
         if world > 1:
             check_same_config(cfg.to_dict())
             if cfg.meta_batch < world:
@@ -411,6 +423,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--imaml-lam", type=float, help="iMAML proximal strength lambda")
     p.add_argument("--cg-steps", type=int, help="iMAML conjugate-gradient steps")
+    p.add_argument(
+        "--dist-timeout", type=_pos_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
+        help=f"torchrun: seconds a rank waits for the others in a collective before it stops "
+        f"with an error (default {DIST_TIMEOUT_S:g})",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(handler=run_train)
