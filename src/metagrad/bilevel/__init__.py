@@ -14,8 +14,10 @@ MAML and its relatives (:mod:`metagrad.algorithms`) are built on this package.
 from __future__ import annotations
 
 from metagrad.bilevel._api import STRATEGIES, hypergrad, resolve
+from metagrad.bilevel._diffopt import DiffOptimizer
 from metagrad.bilevel._implicit import ImplicitSolver, RootInfo, custom_root, fixed_point
 from metagrad.bilevel._implicit_strategy import ImplicitOptions
+from metagrad.bilevel._innerloop import FastModel, innerloop
 from metagrad.bilevel._linsolve import SolveResult, cg, neumann, normal_cg
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Objective, PerStep, Problem
 from metagrad.bilevel._vmap import Cache
@@ -23,6 +25,8 @@ from metagrad.bilevel._vmap import Cache
 __all__ = [
     "STRATEGIES",
     "Cache",
+    "DiffOptimizer",
+    "FastModel",
     "HyperGrad",
     "ImplicitOptions",
     "ImplicitSolver",
@@ -36,6 +40,7 @@ __all__ = [
     "custom_root",
     "fixed_point",
     "hypergrad",
+    "innerloop",
     "neumann",
     "normal_cg",
     "resolve",
