@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from metagrad.functional._locate import NodeRecord
+
+Locate = Callable[[], Sequence["NodeRecord"]]
+"""Re-runs one inner forward pass and returns which module created which autograd node."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -35,8 +45,25 @@ def check_finite(fn_name: str, t: Tensor, where: str, task: int | None, step: in
         raise NonFiniteError(fn_name, where, task, step)
 
 
-def translate_autograd_error(fn_name: str, err: RuntimeError, order: int) -> Exception | None:
-    """Turn PyTorch's cryptic double-backward failures into an explanation; None if unknown."""
+def translate_autograd_error(
+    fn_name: str,
+    err: RuntimeError,
+    order: int,
+    *,
+    strategy: str | None = None,
+    locate: Locate | None = None,
+) -> Exception | None:
+    """Turn PyTorch's cryptic double-backward failures into an explanation; None if unknown.
+
+    Args:
+        fn_name: the public function, first word of the message.
+        err: PyTorch's error.
+        order: the derivative order of the failing computation (2: a backward pass was
+            differentiated).
+        strategy: the strategy that ran (named in the message).
+        locate: called only for a recognised failure, to name the module that created the
+            failing op (see :mod:`metagrad.functional._locate`).
+    """
     msg = str(err)
     if "modified by an inplace operation" in msg:
         return RuntimeError(
@@ -50,12 +77,124 @@ def translate_autograd_error(fn_name: str, err: RuntimeError, order: int) -> Exc
     if "cudnn" in low and (
         "double backward" in low or "backward can only be called in training" in low
     ):
+        where = _modules_text(_find(locate, lambda r: r.node.startswith("CudnnRnn")))
         return RuntimeError(
             f"{fn_name}: cuDNN's fused RNN kernels have no double backward, which second-order "
-            f"MAML needs. Fix: run the meta-step inside `with torch.backends.cudnn.flags(enabled=False):` "
+            f"MAML needs{_by(order, strategy)}.{where} Fix: run the meta-step inside `with torch.backends.cudnn.flags(enabled=False):` "
             f"or use order=1. PyTorch said: {msg.splitlines()[0]}"
         )
-    return None
+    return _missing_derivative(fn_name, msg, order, strategy, locate)
+
+
+_NO_FORMULA = re.compile(r"derivative for (?:aten::)?([\w.]+) is not implemented")
+_ONCE = "marked with @once_differentiable"
+_FUSED_MHA = ("_native_multi_head_attention", "_transformer_encoder_layer_fwd")
+
+
+def _missing_derivative(
+    fn: str, msg: str, order: int, strategy: str | None, locate: Locate | None
+) -> Exception | None:
+    """Ops without a (double) backward: name the op, the module, who needs it and the fix."""
+    said = f" PyTorch said: {msg.splitlines()[0]}"
+    if _ONCE in msg:
+        hits = _find(locate, lambda r: r.once_differentiable)
+        names = sorted({r.function for r in hits if r.function})
+        what = "a custom autograd.Function"
+        if names:
+            what = f"the custom autograd.Function {', '.join(names)}"
+        return RuntimeError(
+            f"{fn}: {what} marks its backward @once_differentiable, so its backward pass cannot "
+            f"be differentiated; {_needs(order, strategy)}.{_modules_text(hits)} Fix: write its "
+            f"backward with differentiable torch operations (drop @once_differentiable; a "
+            f"backward made of torch ops is differentiated automatically), replace that layer, "
+            f"or use order=1 (first-order MAML needs no double backward).{said}"
+        )
+    if "autograd.Function with functorch transforms" in msg:
+        return RuntimeError(
+            f"{fn}: the model uses a custom torch.autograd.Function written without "
+            f"setup_context, and strategy={strategy or 'vmap'!r} runs it under torch.func "
+            f"transforms (vmap/grad), which need one. Fix: strategy='loop' (plain autograd, any "
+            f"Function), or give the Function a setup_context staticmethod (PyTorch's "
+            f"'Extending torch.func with autograd.Function').{said}"
+        )
+    m = _NO_FORMULA.search(msg)
+    if m is None:
+        return None
+    op = m.group(1)
+    if op in _FUSED_MHA:
+        return RuntimeError(
+            f"{fn}: aten::{op} is the fused inference fast path of nn.MultiheadAttention / "
+            f"nn.TransformerEncoderLayer (eval mode, nested tensors) and has no derivative at "
+            f"all. metagrad turns it off for the forward passes it runs through the model; this "
+            f"one ran outside them. Fix: torch.backends.mha.set_fastpath_enabled(False) "
+            f"around that code, or put the model in train mode.{said}"
+        )
+    twice = op.endswith("_backward")
+    fwd_op = op[: -len("_backward")] if twice else op
+    node = "".join(p[:1].upper() + p[1:] for p in fwd_op.split("_") if p) + "Backward"
+    where = _modules_text(_find(locate, lambda r: r.node.startswith(node)))
+    if not twice:
+        return RuntimeError(
+            f"{fn}: PyTorch has no derivative for aten::{op} at all, so no gradient can flow "
+            f"through it at any order (order={order}{_strategy(strategy)}).{where} Fix: replace "
+            f"that operation or layer with differentiable ones, or keep it out of the parameters' "
+            f"path (compute it under torch.no_grad() on inputs only).{said}"
+        )
+    if "attention" in fwd_op:
+        return RuntimeError(
+            f"{fn}: the fused attention kernel aten::{fwd_op} has a backward but no double "
+            f"backward; {_needs(order, strategy)}.{where} metagrad runs "
+            f"F.scaled_dot_product_attention on the math kernel wherever it differentiates a "
+            f"backward pass, so this kernel was chosen inside the model (a `with "
+            f"sdpa_kernel(...)` in its forward, or a direct call of the fused op). Fix: let the "
+            f"model call F.scaled_dot_product_attention without pinning a kernel (or pin "
+            f"SDPBackend.MATH there), or use order=1 (first-order MAML needs no double "
+            f"backward).{said}"
+        )
+    return RuntimeError(
+        f"{fn}: aten::{fwd_op} has a backward but no double backward (PyTorch implements no "
+        f"derivative of aten::{op}); {_needs(order, strategy)}.{where} Fix: replace that layer "
+        f"with one built from differentiable operations, or use order=1 / a first-order "
+        f"algorithm (FOMAML, Reptile), which differentiate each backward pass only once.{said}"
+    )
+
+
+_MAML_NAMES = {"unroll": "loop", "adjoint": "hvp_chain"}  # the learners' names
+
+
+def _strategy(strategy: str | None) -> str:
+    if not strategy:
+        return ""
+    alias = _MAML_NAMES.get(strategy)
+    return f", strategy={strategy!r}" + (f" ({alias!r} in the MAML family)" if alias else "")
+
+
+def _by(order: int, strategy: str | None) -> str:
+    return f" (order={order}{_strategy(strategy)})"
+
+
+def _needs(order: int, strategy: str | None) -> str:
+    return (
+        f"order={order}{_strategy(strategy)} differentiates the inner objective's backward pass "
+        f"(the Hessian term of the meta-gradient), as every exact second-order strategy "
+        f"('loop', 'vmap', 'hvp_chain', 'checkpoint') and iMAML do"
+    )
+
+
+def _find(locate: Locate | None, pred: Callable[[NodeRecord], bool]) -> list[NodeRecord]:
+    if locate is None:
+        return []
+    try:
+        return [r for r in locate() if pred(r)]
+    except Exception:  # a failing diagnostic must not hide the explanation
+        return []
+
+
+def _modules_text(hits: Sequence[NodeRecord]) -> str:
+    mods = list(dict.fromkeys(f"{r.module or '<root>'!r} ({r.module_type})" for r in hits))
+    if not mods:
+        return ""
+    return f" It is created by module {', '.join(mods[:4])}{' ...' if len(mods) > 4 else ''}."
 
 
 def non_finite_error(

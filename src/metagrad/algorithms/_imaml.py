@@ -34,6 +34,7 @@ from metagrad.algorithms._base import Learner, check_lr, check_steps
 from metagrad.algorithms._task import InnerSpec, make_inner_optimizer
 from metagrad.bilevel import cg, custom_root
 from metagrad.bilevel._problem import AttachGrad
+from metagrad.functional._attention import higher_order_attention
 from metagrad.functional._checks import check_task
 
 
@@ -181,7 +182,8 @@ class IMAML(Learner):
         names = list(theta)
 
         def optimality(t: Params, anchor: Params) -> Params:
-            support = self.loss_fn(self.fmodel.forward(t, buffers, xs), ys)
+            with higher_order_attention():  # CG differentiates this gradient (Hessian products)
+                support = self.loss_fn(self.fmodel.forward(t, buffers, xs), ys)
             gs = torch.autograd.grad(
                 support, [t[n] for n in names], create_graph=True, allow_unused=True
             )

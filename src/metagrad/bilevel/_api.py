@@ -29,15 +29,17 @@ from typing import Any
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from metagrad._errors import NonFiniteError, translate_autograd_error
+from metagrad._errors import Locate, NonFiniteError, translate_autograd_error
 from metagrad._typing import Params
 from metagrad.bilevel._adjoint import adjoint
 from metagrad.bilevel._forward import forward_mode
 from metagrad.bilevel._implicit_strategy import ImplicitOptions, implicit
+from metagrad.bilevel._inner import batch_at
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
 from metagrad.bilevel._tree import Flat, all_finite, index
 from metagrad.bilevel._unroll import unroll
 from metagrad.bilevel._vmap import Cache, ForeignUnderVmap, check_reaches_inner, vmapped
+from metagrad.functional._locate import NodeRecord, probe_records
 
 STRATEGIES = (
     "auto",
@@ -160,7 +162,7 @@ def hypergrad(
             check_reaches_inner(problem, mp, inner_data, batched)
             if cache is not None:
                 cache.checked.add(key)
-    with _explain_autograd_errors(problem):
+    with _explain_autograd_errors(problem, chosen, _locator(problem, mp, inner_data, batched)):
         try:
             res = _checked(
                 problem,
@@ -277,15 +279,30 @@ def _result_finite(res: HyperGrad) -> bool:
 
 
 @contextmanager
-def _explain_autograd_errors(problem: Problem) -> Iterator[None]:
+def _explain_autograd_errors(
+    problem: Problem, strategy: str | None = None, locate: Locate | None = None
+) -> Iterator[None]:
     """Re-raise PyTorch's cryptic double-backward failures with an explanation and the fix."""
     try:
         yield
     except RuntimeError as err:
-        better = translate_autograd_error(problem.name, err, problem.order)
+        better = translate_autograd_error(
+            problem.name, err, problem.order, strategy=strategy, locate=locate
+        )
         if better is None:
             raise
         raise better from err
+
+
+def _locator(problem: Problem, mp: MetaParams, inner_data: Any, batched: bool) -> Locate:
+    """Re-runs the first inner forward pass recording which module creates which node."""
+
+    def locate() -> list[NodeRecord]:
+        di = index(inner_data, 0) if batched else inner_data
+        w = {n: v.detach().requires_grad_(v.is_floating_point()) for n, v in mp.w0.items()}
+        return probe_records(lambda: problem.call_inner(w, mp.h, batch_at(problem, di, 0), 0))
+
+    return locate
 
 
 def _check_hyper_used(

@@ -27,6 +27,7 @@ from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index
 from metagrad.bilevel._vmap import ForeignUnderVmap
 from metagrad.derivatives._forward_ad_fix import MeanMSEAsNone, is_forward_ad_gap
+from metagrad.functional._attention import higher_order_attention
 
 MAX_FORWARD_DIMS = 4096
 """More scalar hyperparameters than this and forward mode is refused (reverse mode is cheaper)."""
@@ -71,7 +72,9 @@ def forward_mode(
     value: Tensor | None = None
     per: Tensor | None = None
     try:
-        with MeanMSEAsNone():
+        # Every forward runs under jvp, and the fused attention kernels have no forward-mode
+        # formula (nor a double backward): the math kernel throughout.
+        with MeanMSEAsNone(), higher_order_attention():
             if not diff:
                 value, per = objective(diff)
             for j, d in enumerate(diff):

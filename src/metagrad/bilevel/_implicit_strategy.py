@@ -32,6 +32,7 @@ from metagrad.bilevel._implicit import custom_root
 from metagrad.bilevel._inner import AutogradBackend, inner_step
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
 from metagrad.bilevel._tree import Flat, accumulate, count_problems, index, tree_detach
+from metagrad.functional._attention import higher_order_attention
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,9 @@ def _one(
 
     def optimality(w: Params, hd: Params) -> Params:
         mp = rebuild(hd)
-        with torch.enable_grad():
+        # custom_root differentiates this gradient (Hessian products): attention on a kernel
+        # with a double backward.
+        with torch.enable_grad(), higher_order_attention():
             loss = problem.call_inner(w, mp.h, inner_data, problem.steps)
             names = list(w)
             gs = torch.autograd.grad(

@@ -19,6 +19,7 @@ from torch import Tensor
 from metagrad._errors import check_finite
 from metagrad._typing import Params
 from metagrad.bilevel._problem import LR, Optimizer, PerStep, Problem
+from metagrad.functional._attention import attention_for
 
 
 class GradBackend(Protocol):
@@ -38,7 +39,10 @@ class AutogradBackend:
         self, f: Callable[[Params], Tensor], w: Params, step: int
     ) -> tuple[Params, Tensor]:
         pb = self.problem
-        loss = f(w)
+        # create_graph: this forward's backward is differentiated again (attention on the math
+        # kernel, the fused ones have no double backward; see functional/_attention.py).
+        with attention_for(self.create_graph):
+            loss = f(w)
         if self.check:
             check_finite(pb.name, loss, pb.inner_name, self.index, step)
         names = list(w)
@@ -68,7 +72,8 @@ class FuncBackend:
     def __call__(
         self, f: Callable[[Params], Tensor], w: Params, step: int
     ) -> tuple[Params, Tensor]:
-        grads, loss = torch.func.grad_and_value(f)(w)
+        with attention_for(self.create_graph):
+            grads, loss = torch.func.grad_and_value(f)(w)
         if not self.create_graph:
             grads = {n: g.detach() for n, g in grads.items()}
         return grads, loss

@@ -49,7 +49,9 @@ def unroll(
         at = i if batched else None
         with torch.enable_grad():
             w_start = trainable_start(run_mp.w0)
-            backend = AutogradBackend(problem, at, create_graph=problem.order == 2)
+            # A value-only pass (validation) needs no differentiable inner gradient.
+            second = problem.order == 2 and need_grad
+            backend = AutogradBackend(problem, at, create_graph=second)
             obj, w, _ = run(
                 problem, backend, w_start, run_mp.h, run_mp.opt, di, do, truncate=truncate, index=at
             )

@@ -69,7 +69,7 @@ def _vmap_fn(
     ``finite`` holds one flag per output (``per_problem``, then each gradient): computed inside
     the (compiled) function, where it fuses, instead of many small ops after it.
     """
-    backend = FuncBackend(create_graph=problem.order == 2)
+    backend = FuncBackend(create_graph=problem.order == 2 and need_grad)
     # Only the structure is captured (not the first call's tensors): the function is cached.
     n, spec, wrt = len(flat.leaves), flat.spec, list(flat.wrt)
     const_at = [i for i in range(n) if i not in set(wrt)]

@@ -25,6 +25,7 @@ from torch.func import functional_call
 from metagrad import optim
 from metagrad.algorithms._maml import MAML
 from metagrad.algorithms._task import meta_gradient, resolve_strategy
+from metagrad.functional._attention import attention_for
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def reference_meta_gradient(
         p = dict(theta)
         obj = torch.zeros((), dtype=xs.dtype)
         for k in range(spec.steps):
-            loss = learner.loss_fn(run(p, k, xs[i]), ys[i])
+            with attention_for(order == 2):  # as the engine: math attention kernel at order 2
+                loss = learner.loss_fn(run(p, k, xs[i]), ys[i])
             names = list(spec.adapt_names)
             gs = torch.autograd.grad(
                 loss, [p[n] for n in names], create_graph=order == 2, allow_unused=True

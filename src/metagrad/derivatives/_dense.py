@@ -12,6 +12,7 @@ from metagrad._tree import tree_leaves
 from metagrad._typing import TensorTree
 from metagrad.derivatives._autograd import grad_tree, prepare_primals, raise_if_unused
 from metagrad.derivatives._checks import check_scalar_output, check_tree
+from metagrad.functional._attention import attention_for
 
 DenseDerivative = Tensor | dict[str, Tensor] | dict[str, dict[str, Tensor]]
 """A tensor, a dict over input (or output) keys, or a nested dict ``D[out_key][in_key]``."""
@@ -106,7 +107,8 @@ def jacobian(
     fn = "jacobian"
     check_tree(fn, x, "x")
     xs = prepare_primals(cast(TensorTree, x), create_graph)
-    with torch.enable_grad():
+    # create_graph: the caller may differentiate the Jacobian, i.e. f's backward pass.
+    with torch.enable_grad(), attention_for(create_graph):
         out = f(xs)
         check_tree(fn, out, "f(x)")
         return jacobian_of(fn, out, xs, create_graph=create_graph, allow_unused=allow_unused)
@@ -183,7 +185,7 @@ def hessian(
     fn = "hessian"
     check_tree(fn, x, "x")
     xs = prepare_primals(cast(TensorTree, x), create_graph)
-    with torch.enable_grad():
+    with torch.enable_grad(), attention_for(True):  # differentiates f's backward pass
         out = check_scalar_output(fn, f(xs))
         g = grad_tree(fn, out, xs, create_graph=True, allow_unused=allow_unused)
         # A gradient that does not depend on x (linear f) is a genuine zero Hessian.

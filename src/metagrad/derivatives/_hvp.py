@@ -20,6 +20,7 @@ from metagrad.derivatives._autograd import (
 )
 from metagrad.derivatives._checks import check_choice, check_scalar_output, check_tree, split_aux
 from metagrad.derivatives._forward_ad_fix import MeanMSEAsNone, is_forward_ad_gap
+from metagrad.functional._attention import higher_order_attention
 
 _FN = "hvp"
 HVPMode = Literal["rev", "fwd"]
@@ -174,14 +175,19 @@ def hvp(
     x, v = cast(TensorTree, x), cast(TensorTree, v)
     check_same_structure(_FN, x, v, "x", "v")
     check_choice(_FN, "mode", mode, ("rev", "fwd"))
-    if mode == "fwd":
-        try:
-            with MeanMSEAsNone():
-                return _hvp_fwd(f, x, v, has_aux=has_aux, create_graph=create_graph)
-        except RuntimeError as err:  # NotImplementedError is a RuntimeError
-            if not is_forward_ad_gap(err):
-                raise
-    return _hvp_rev(f, x, v, has_aux=has_aux, create_graph=create_graph, allow_unused=allow_unused)
+    # Both modes differentiate f's backward pass (the fused attention kernels have no double
+    # backward and no forward-mode formula: functional/_attention.py).
+    with higher_order_attention():
+        if mode == "fwd":
+            try:
+                with MeanMSEAsNone():
+                    return _hvp_fwd(f, x, v, has_aux=has_aux, create_graph=create_graph)
+            except RuntimeError as err:  # NotImplementedError is a RuntimeError
+                if not is_forward_ad_gap(err):
+                    raise
+        return _hvp_rev(
+            f, x, v, has_aux=has_aux, create_graph=create_graph, allow_unused=allow_unused
+        )
 
 
 def _hvp_rev(

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from metagrad.derivatives._autograd import prepare_primals
 from metagrad.derivatives._checks import check_order, check_scalar_output, check_tree, describe
+from metagrad.functional._attention import attention_for
 
 _FN = "nth_derivative"
 
@@ -63,7 +64,7 @@ def nth_derivative(
             f"several variables use hvp, hessian or jacobian."
         )
     xs = cast(Tensor, prepare_primals(x, create_graph))
-    with torch.enable_grad():
+    with torch.enable_grad(), attention_for(n >= 2 or create_graph):
         y = check_scalar_output(_FN, f(xs))
         for k in range(n):
             if not y.requires_grad:

@@ -13,6 +13,7 @@ from metagrad._tree import tree_flatten_vector
 from metagrad._typing import TensorTree
 from metagrad.derivatives._autograd import grad_tree, prepare_primals
 from metagrad.derivatives._checks import check_scalar_output, check_tree, describe
+from metagrad.functional._attention import attention_for
 
 _FN = "grad_norm_penalty"
 
@@ -83,7 +84,7 @@ def grad_norm_penalty(
         )
     check_tree(_FN, x, "x")
     xs = prepare_primals(cast(TensorTree, x), create_graph)
-    with torch.enable_grad():
+    with torch.enable_grad(), attention_for(create_graph):  # the penalty's gradient is 2 H g
         out = check_scalar_output(_FN, f(xs))
         g = grad_tree(_FN, out, xs, create_graph=create_graph, allow_unused=allow_unused)
     flat = tree_flatten_vector(g)

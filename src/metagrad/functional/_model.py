@@ -40,7 +40,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metagrad._typing import Buffers, Params
+from metagrad.functional._attention import has_fused_attention, no_fused_inference
 from metagrad.functional._fastbn import use_batch_stats_norm
+from metagrad.functional._locate import active_recording, run_recorded
 
 BN_POLICIES = ("transductive", "running")
 
@@ -118,6 +120,8 @@ class FunctionalModel:
     def __post_init__(self) -> None:
         # forward() runs per inner step per task: look buffer names up in a set built once.
         self._buffer_set = frozenset(self.buffer_names)
+        # nn.MultiheadAttention's fused inference path has no derivative (functional/_attention).
+        self._fused_attention = has_fused_attention(self.template)
 
     @classmethod
     def from_module(
@@ -252,6 +256,16 @@ class FunctionalModel:
             self.channels_last == "any" or x.device.type == "cpu"
         ):
             x = to_channels_last(x)
+        nodes = active_recording()  # the diagnostic pass after a double-backward failure
+        if nodes is not None:
+            call = (params, buffers, x)
+            return run_recorded(self.template, nodes, lambda: self._call(*call))
+        return self._call(params, buffers, x)
+
+    def _call(self, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
+        if self._fused_attention:
+            with no_fused_inference():
+                return functional_call(self.template, (params, buffers), (x,))
         return functional_call(self.template, (params, buffers), (x,))
 
     def vmap_wrong_second_order(self) -> list[str]:
