@@ -526,3 +526,22 @@ def test_metasgd_unused_parameter_error_and_extension_flag() -> None:
     fast = dict(learner.named_parameters())
     assert torch.equal(fast["module.unused.weight"], learner.module.unused.weight)
     assert not torch.equal(fast["module.used.weight"], learner.lrs[0])
+
+
+def test_clone_structure_is_private_to_the_clone() -> None:
+    # A clone runs its own structural copy of the model: hooks registered on it stay there.
+    maml = l2l.algorithms.MAML(mlp(), lr=0.1)
+    a, b = maml.clone(), maml.clone()
+    calls: list[int] = []
+    a.module[0].register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(3, 2, dtype=DT)
+    b(x), maml(x), maml.clone()(x)
+    assert calls == []
+    a(x)
+    assert calls == [1]
+    # The copy follows the clone through adapt (no stale reference).
+    view = a.module
+    a.adapt(a(x).pow(2).mean())
+    assert view is a.module
+    assert torch.equal(view[0].weight, dict(a.named_parameters())["module.0.weight"])
+    assert not any(isinstance(p, nn.Parameter) for p in view.parameters())

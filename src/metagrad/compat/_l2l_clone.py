@@ -19,7 +19,7 @@ from torch import Tensor, nn
 _UPDATE_ATTR = "update"
 
 
-def _refresh_rnn(module: nn.Module) -> None:
+def refresh_rnn(module: nn.Module) -> None:
     # RNN kernels read a cached list of weights, not ``_parameters``; rebuild it after a swap.
     if isinstance(module, nn.RNNBase):
         module._init_flat_weights()
@@ -40,7 +40,7 @@ def with_tensors(module: nn.Module, replace: Mapping[int, Tensor], memo: dict[in
         memo.setdefault(key, t)
     out = copy.deepcopy(module, memo)
     for m in out.modules():
-        _refresh_rnn(m)
+        refresh_rnn(m)
     return out
 
 
@@ -166,5 +166,50 @@ def update_module(
         touched.add(id(m))
     for m in module.modules():
         if id(m) in touched:
-            _refresh_rnn(m)
+            refresh_rnn(m)
     return module
+
+
+def _detached(t: Tensor, keep_requires_grad: bool) -> Tensor:
+    wants = keep_requires_grad and t.requires_grad
+    if t.is_leaf:
+        return t.requires_grad_(wants) if t.requires_grad != wants else t
+    return t.detach().requires_grad_(wants)
+
+
+def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
+    """Cut ``module``'s parameters and buffers from the graph they were computed in, in place.
+
+    Same contract as ``learn2learn.detach_module``: meant for a clone, whose parameters are
+    non-leaf tensors computed from the original's; afterwards a loss on the clone no longer
+    back-propagates into the original. Leaf tensors (an original model's parameters) stop
+    requiring gradients, as ``detach_()`` does to them in learn2learn. A ``MAML`` / ``MetaSGD``
+    clone of this compat layer has its fast weights (and learned rates) detached.
+
+    Args:
+        module: the module (or compat clone) to detach.
+        keep_requires_grad: detached tensors keep ``requires_grad=True`` where they had it
+            (new leaves, e.g. to fine-tune the clone on its own).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> clone = clone_module(net)
+        >>> detach_module(clone, keep_requires_grad=True)
+        >>> clone(torch.ones(1, 2)).sum().backward()
+        >>> net.weight.grad is None, clone.weight.grad is not None
+        (True, True)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"l2l.detach_module: module must be a torch.nn.Module, got {type(module).__name__}."
+        )
+    hook = getattr(module, "_detach_fast", None)
+    if callable(hook) and hook(keep_requires_grad):
+        return
+    for m in module.modules():
+        for slots in (m._parameters, m._buffers):
+            for key, t in list(slots.items()):
+                if t is not None and (t.requires_grad or t.grad_fn is not None):
+                    slots[key] = _detached(t, keep_requires_grad)  # type: ignore[assignment]
+        refresh_rnn(m)

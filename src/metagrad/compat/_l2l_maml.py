@@ -2,10 +2,12 @@ r"""learn2learn's ``MAML`` / ``MetaSGD`` objects over metagrad's functional mode
 
 A wrapper is either the *root* (it holds the user's model as ``.module``; its parameters are
 the meta-parameters) or a *clone* (from ``.clone()``), which holds a dict of fast weights: non-leaf
-tensors that start as ``p.clone()`` of the root's parameters. A clone's forward runs the
-private template of :class:`metagrad.functional._model.FunctionalModel` with
-``torch.func.functional_call``, so the user's module is never patched, and ``adapt(loss)``
-replaces the dict by the engine's SGD rule
+tensors that start as ``p.clone()`` of the root's parameters. A clone runs a *bound copy* of the
+private template of :class:`metagrad.functional._model.FunctionalModel`: a structural copy (new
+module objects, shared layer code) whose parameter slots point at the fast weights. The user's
+module is never patched, and calling the bound copy skips ``functional_call``'s per-call swap of
+every tensor (the compat layer's main cost on small models; see ``benchmarks/bench_l2l_compat.py``).
+``adapt(loss)`` replaces the dict by the engine's SGD rule
 
 .. math::
     \theta' = \theta - \alpha \odot \nabla_\theta \mathcal{L}(\theta),
@@ -22,15 +24,18 @@ from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metagrad._errors import translate_autograd_error
-from metagrad.compat._l2l_clone import with_tensors
-from metagrad.functional._model import FunctionalModel
-from metagrad.functional._optim import LR, SGD
+from metagrad.compat._l2l_clone import refresh_rnn
+from metagrad.functional._model import FunctionalModel, to_channels_last
+from metagrad.optim import LR
 
 _T = TypeVar("_T", bound="_FastWeights")
-_SGD = SGD()
+# The per-instance containers of a Module (parameters, buffers, submodules, hook dicts): a
+# structural copy gets its own, everything else in ``__dict__`` is shared. Read from a blank
+# Module so that containers added by later PyTorch versions are copied too.
+_BLANK = dict(nn.Module().__dict__)
+_CONTAINERS = frozenset(k for k, v in _BLANK.items() if isinstance(v, (dict, set)))
 
 
 def _check_lr(fn: str, name: str, lr: object) -> None:
@@ -40,6 +45,58 @@ def _check_lr(fn: str, name: str, lr: object) -> None:
         raise TypeError(
             f"{fn}: {name}={lr!r} must be a finite number or a tensor (typical: 0.01 to 0.5)."
         )
+
+
+class _Plan:
+    """Where each fast weight and buffer goes in a copy of the template (built once per root)."""
+
+    def __init__(self, fm: FunctionalModel) -> None:
+        self.modules = list(fm.template.modules())
+        pname = {id(t): k for k, t in fm.template.named_parameters()}
+        bname = {id(t): k for k, t in fm.template.named_buffers()}
+        wanted = set(fm.buffer_names)
+        self.params: list[tuple[int, str, str]] = []
+        self.buffers: list[tuple[int, str, str]] = []
+        for i, m in enumerate(self.modules):
+            for key, t in m._parameters.items():
+                if t is not None and id(t) in pname:
+                    self.params.append((i, key, pname[id(t)]))
+            for key, b in m._buffers.items():
+                if b is not None and bname.get(id(b)) in wanted:
+                    self.buffers.append((i, key, bname[id(b)]))
+        self.rnns = [i for i, m in enumerate(self.modules) if isinstance(m, nn.RNNBase)]
+        # Train/eval flag of each template module is read from its counterpart in the user's
+        # model (the template's order can differ: ReLU/MaxPool pairs are swapped in it).
+        pairs = {id(t): s for s, t in getattr(fm, "_mode_pairs", [])}
+        src = list(fm.source.modules())
+        self.sources = [
+            pairs.get(id(m), src[i] if i < len(src) else fm.source)
+            for i, m in enumerate(self.modules)
+        ]
+        self.channels_last = getattr(fm, "channels_last", None)
+
+
+def _structure_copy(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
+    """New module objects with the same layer code and attributes; every dict/set is copied.
+
+    Parameters, buffers and hooks are then the copy's own slots (writing one never reaches the
+    template); tensors are shared until re-pointed. Shared submodules stay shared.
+    """
+    done = memo.get(id(module))
+    if done is not None:
+        return done
+    new = module.__class__.__new__(module.__class__)
+    state = dict(module.__dict__)
+    for k in _CONTAINERS:
+        v = state.get(k)
+        if v is not None:
+            state[k] = v.copy() if v else type(v)()
+    object.__setattr__(new, "__dict__", state)
+    memo[id(module)] = new
+    subs = new._modules
+    for k, m in list(subs.items()):
+        subs[k] = None if m is None else _structure_copy(m, memo)
+    return new
 
 
 class _FastWeights(nn.Module):
@@ -56,9 +113,11 @@ class _FastWeights(nn.Module):
         self._modules["module"] = model
         self._bn = bn
         self._fm: FunctionalModel | None = None
+        self._plan: _Plan | None = None
         self._fast: dict[str, Tensor] | None = None
         self._modes: list[bool] = []
-        self._view: nn.Module | None = None
+        self._bound: nn.Module | None = None
+        self._bound_mods: list[nn.Module] = []
         self._functional()  # validates bn now rather than at the first clone()
 
     # -- root / clone plumbing ----------------------------------------------------------------
@@ -69,46 +128,94 @@ class _FastWeights(nn.Module):
         # Built lazily and rebuilt if ``.module`` was reassigned; clones reuse their root's.
         if self._fast is None and (self._fm is None or self._fm.source is not self._model()):
             self._fm = FunctionalModel.from_module(self._model(), self._bn, fn_name=self._fn)
+            self._plan = _Plan(self._fm)
         return cast(FunctionalModel, self._fm)
 
     def _spawn(self: _T, fast: dict[str, Tensor]) -> _T:
         """A clone holding ``fast`` and sharing this wrapper's template."""
         fm = self._functional()
+        plan = cast(_Plan, self._plan)
         new = type(self).__new__(type(self))
-        nn.Module.__init__(new)
-        new._bn, new._fm, new._fast, new._view = self._bn, fm, fast, None
-        if self._fast is None:
-            new._modes = [m.training for m in fm.source.modules()]
-        else:
-            new._modes = list(self._modes)
-        new.training = self.training
+        # A clone is built once per task: fill its __dict__ directly rather than through
+        # nn.Module.__init__ / __setattr__ (none of these values is a parameter or a module).
+        state = {k: (v.copy() if k in _CONTAINERS else v) for k, v in _BLANK.items()}
+        state.update(
+            training=self.training,
+            _bn=self._bn,
+            _fm=fm,
+            _plan=plan,
+            _fast=fast,
+            _bound=None,
+            _bound_mods=[],
+            _modes=[m.training for m in plan.sources] if self._fast is None else list(self._modes),
+        )
+        object.__setattr__(new, "__dict__", state)
         return new
+
+    def _set(self, **values: Any) -> None:
+        """Plain attributes of a clone (flags, rates), set without nn.Module.__setattr__."""
+        self.__dict__.update(values)
 
     def _start_fast(self) -> dict[str, Tensor]:
         if self._fast is None:
             return {k: p.clone() for k, p in self._model().named_parameters()}
         return {k: p.clone() for k, p in self._fast.items()}
 
+    def _bind(self) -> nn.Module:
+        """This clone's copy of the template, its parameter slots pointing at the fast weights."""
+        if self._bound is not None:
+            return self._bound
+        plan = cast(_Plan, self._plan)
+        memo: dict[int, nn.Module] = {}
+        bound = _structure_copy(plan.modules[0], memo)
+        mods = [memo[id(m)] for m in plan.modules]
+        for m, flag in zip(mods, self._modes):
+            m.__dict__["training"] = flag
+        self._set(_bound=bound, _bound_mods=mods)
+        self._point_params()
+        return bound
+
+    def _point_params(self) -> None:
+        plan, mods, fast = cast(_Plan, self._plan), self._bound_mods, cast(dict, self._fast)
+        for i, key, name in plan.params:
+            mods[i]._parameters[key] = fast[name]
+        for i in plan.rnns:
+            refresh_rnn(mods[i])
+
     @property
     def module(self) -> nn.Module:
         """The wrapped model; on a clone, a copy of it holding the current fast weights.
 
-        A clone's ``module`` is rebuilt after each ``adapt``: read it again rather than keeping
-        a reference. Running it is equivalent to calling the clone.
+        The copy follows the clone (its parameters are re-pointed after each ``adapt``), so
+        running it is equivalent to calling the clone. It is the clone's private structure:
+        the wrapped model is never modified through it.
         """
         if self._fast is None:
             return self._model()
-        if self._view is None:
-            fm = self._functional()
-            tpl_params = dict(fm.template.named_parameters())
-            tpl_buffers = dict(fm.template.named_buffers())
-            replace = {id(tpl_params[k]): t for k, t in self._fast.items()}
-            replace.update({id(tpl_buffers[k]): b for k, b in fm.buffers().items()})
-            view = with_tensors(fm.template, replace, {})
-            for m, flag in zip(view.modules(), self._modes):
-                m.training = flag
-            self._view = view
-        return self._view
+        bound = self._bind()
+        self._point_buffers()
+        return bound
+
+    def _point_buffers(self) -> None:
+        # Fresh clones of the model's buffers at each call: the clone reads the model's current
+        # running statistics (eval mode) and nothing it does can write back to them.
+        plan = cast(_Plan, self._plan)
+        if plan.buffers:
+            bufs, mods = self._functional().buffers(), self._bound_mods
+            for i, key, name in plan.buffers:
+                mods[i]._buffers[key] = bufs[name]
+
+    def _detach_fast(self, keep_requires_grad: bool) -> bool:
+        """``l2l.detach_module`` on a clone: detach its fast weights. False on the root."""
+        if self._fast is None:
+            return False
+        keep = keep_requires_grad
+        self._fast = {
+            k: t.detach().requires_grad_(keep and t.requires_grad) for k, t in self._fast.items()
+        }
+        if self._bound is not None:
+            self._point_params()
+        return True
 
     def __getattr__(self, name: str) -> Any:
         # Like learn2learn: attributes the wrapper lacks are looked up on the wrapped model.
@@ -123,7 +230,8 @@ class _FastWeights(nn.Module):
         super().train(mode)
         if self._fast is not None:
             self._modes = [mode] * len(self._modes)
-            self._view = None
+            for m in self._bound_mods:
+                m.training = mode
         return self
 
     def named_parameters(
@@ -144,13 +252,14 @@ class _FastWeights(nn.Module):
         """Run the model: the original on the root, the fast weights on a clone."""
         if self._fast is None:
             return self._model()(*args, **kwargs)
-        fm = self._functional()
-        for m, flag in zip(fm.template.modules(), self._modes):
-            m.training = flag
-        buffers = fm.buffers()
-        if len(args) == 1 and not kwargs:
-            return fm.forward(self._fast, buffers, args[0])
-        return functional_call(fm.template, (self._fast, buffers), args, kwargs)
+        bound = self._bound if self._bound is not None else self._bind()
+        self._point_buffers()
+        where = cast(_Plan, self._plan).channels_last
+        if where is not None and args and isinstance(args[0], Tensor):
+            x = args[0]
+            if where == "any" or x.device.type == "cpu":
+                args = (to_channels_last(x), *args[1:])
+        return bound(*args, **kwargs)
 
     # -- the inner step -----------------------------------------------------------------------
     def _step(
@@ -220,9 +329,10 @@ class _FastWeights(nn.Module):
                 f"Pass allow_unused=True (to {self._flags_at}) to leave them unadapted."
             )
         grads = {k: g for k, g in zip(diff, raw) if g is not None}
-        new, _ = _SGD.update(grads, {}, {k: fast[k] for k in grads}, lrs, 0)
-        self._fast = {k: new.get(k, t) for k, t in fast.items()}
-        self._view = None
+        # metagrad.optim.SGD's rule, p - lr * g, written out: this runs per task per step.
+        self._set(_fast={k: (t - lrs[k] * grads[k] if k in grads else t) for k, t in fast.items()})
+        if self._bound is not None:
+            self._point_params()
 
 
 class MAML(_FastWeights):
@@ -312,10 +422,12 @@ class MAML(_FastWeights):
             The clone; its forward equals the model's until it is adapted.
         """
         new = self._spawn(self._start_fast())
-        new.lr = self.lr
-        new.first_order = self.first_order if first_order is None else bool(first_order)
-        new.allow_unused = self.allow_unused if allow_unused is None else bool(allow_unused)
-        new.allow_nograd = self.allow_nograd if allow_nograd is None else bool(allow_nograd)
+        new._set(
+            lr=self.lr,
+            first_order=self.first_order if first_order is None else bool(first_order),
+            allow_unused=self.allow_unused if allow_unused is None else bool(allow_unused),
+            allow_nograd=self.allow_nograd if allow_nograd is None else bool(allow_nograd),
+        )
         return new
 
     def adapt(
@@ -418,12 +530,22 @@ class MetaSGD(_FastWeights):
         self.allow_unused = bool(allow_unused)
         self.allow_nograd = bool(allow_nograd)
 
+    def _detach_fast(self, keep_requires_grad: bool) -> bool:
+        if not super()._detach_fast(keep_requires_grad):
+            return False
+        keep = keep_requires_grad
+        self.lrs = [t.detach().requires_grad_(keep and t.requires_grad) for t in self.lrs]
+        return True
+
     def clone(self) -> MetaSGD:
         """A ``MetaSGD`` holding differentiable copies of the parameters and of the rates."""
         new = self._spawn(self._start_fast())
-        new.lrs = [lr.clone() for lr in self.lrs]
-        new.first_order = self.first_order
-        new.allow_unused, new.allow_nograd = self.allow_unused, self.allow_nograd
+        new._set(
+            lrs=[lr.clone() for lr in self.lrs],
+            first_order=self.first_order,
+            allow_unused=self.allow_unused,
+            allow_nograd=self.allow_nograd,
+        )
         return new
 
     def adapt(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from metagrad.compat._l2l_gbml import GBML
 from metagrad.compat._l2l_maml import MAML, MetaSGD
 
-__all__ = ["MAML", "MetaSGD"]
+__all__ = ["GBML", "MAML", "MetaSGD"]
