@@ -24,25 +24,37 @@ class NonFiniteError(FloatingPointError):
         where: what was non-finite (``"support loss"``, ``"gradient of 'fc.weight'"``...).
     """
 
-    def __init__(self, fn_name: str, where: str, task: int | None, step: int | None) -> None:
+    def __init__(
+        self,
+        fn_name: str,
+        where: str,
+        task: int | None,
+        step: int | None,
+        unit: str = "task",
+        advice: str | None = None,
+    ) -> None:
         self.task, self.step, self.where = task, step, where
         loc = []
         if task is not None:
-            loc.append(f"task {task}")
+            loc.append(f"{unit} {task}")
         if step is not None:
             loc.append(f"inner step {step}")
         at = " at " + ", ".join(loc) if loc else ""
-        super().__init__(
-            f"{fn_name}: non-finite value (NaN/Inf) in the {where}{at}. Usual fixes: lower "
-            f"inner_lr (the inner loop diverged), check that task {task if task is not None else ''} "
-            f"data has no NaN/Inf, clip or normalise inputs; with inner_optimizer='adam' keep eps > 0."
-        )
+        if advice is None:
+            data = f"{unit} {task}'s data" if task is not None else "the data"
+            advice = (
+                f"Usual fixes: lower the inner learning rate (the inner loop diverged), check "
+                f"that {data} has no NaN/Inf, clip or normalise inputs; with Adam keep eps > 0."
+            )
+        super().__init__(f"{fn_name}: non-finite value (NaN/Inf) in the {where}{at}. {advice}")
 
 
-def check_finite(fn_name: str, t: Tensor, where: str, task: int | None, step: int | None) -> None:
+def check_finite(
+    fn_name: str, t: Tensor, where: str, task: int | None, step: int | None, unit: str = "task"
+) -> None:
     """Raise :class:`NonFiniteError` if ``t`` holds a NaN or Inf."""
     if not bool(t.detach().isfinite().all()):
-        raise NonFiniteError(fn_name, where, task, step)
+        raise NonFiniteError(fn_name, where, task, step, unit)
 
 
 def translate_autograd_error(

@@ -48,3 +48,29 @@ def test_compile_needs_vmap() -> None:
         mg.MAML(model, F.mse_loss, compile=True)
     with pytest.raises(TypeError, match=r"compile=1\.5"):
         mg.MAML(nn.Linear(2, 1), F.mse_loss, compile=1.5)  # type: ignore[arg-type]
+
+
+def test_mamlpp_annealed_multi_step_weights_compile_once() -> None:
+    """The multi-step-loss weights change every meta-step; they enter the compiled function as a
+    tensor, so a 100-step MAML++ run compiles once (a counting backend sees every compile)."""
+    compiles = []
+
+    def counting_backend(gm: torch.fx.GraphModule, inputs: object) -> object:
+        compiles.append(gm)
+        return gm.forward
+
+    model, tasks = _setup()
+    learner = mg.MAMLpp(
+        model, F.mse_loss, inner_lr=0.1, inner_steps=3, first_order_steps=0,
+        msl_anneal_steps=100, strategy="vmap", compile=counting_backend,
+    )
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
+    weights = set()
+    for _ in range(100):
+        opt.zero_grad()
+        learner.meta_loss(*tasks).backward()
+        opt.step()
+        weights.add(learner.inner_spec(3, 2, training=True).step_weights)
+    assert len(weights) >= 90  # the weights changed (almost) every step before the floor
+    assert len(learner.cache.compiled) == 1
+    assert len(compiles) == 1

@@ -1,15 +1,27 @@
-"""Shared plumbing of the learner classes: construction checks, adapt and predict."""
+"""The learner protocol, in two kinds, and their shared plumbing.
+
+Every learner maps a meta-batch to a :class:`MetaResult` (``meta_result``): the mean query loss
+and a gradient keyed like ``learner.named_parameters()``. ``meta_loss``, ``meta_grad`` and
+``attach`` (the hook distributed training uses to all-reduce before delivery) are written once
+on top of it. The two kinds differ in how a task is adapted:
+
+* :class:`UnrolledLearner` (MAML family, Reptile): an inner loop described by an
+  :class:`InnerSpec`, run by the bilevel engine;
+* :class:`ImplicitLearner` (iMAML): an inner *solution*, differentiated implicitly.
+"""
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from metagrad._typing import LossFn, Params
-from metagrad.algorithms._task import InnerSpec, TaskLoss, run_task
+from metagrad.algorithms._task import InnerSpec, MetaResult, TaskLoss, run_task
+from metagrad.bilevel._problem import AttachGrad
 from metagrad.functional._checks import check_task, check_tasks
 from metagrad.functional._model import FunctionalModel, dtype_device
 
@@ -35,7 +47,7 @@ def check_steps(fn_name: str, name: str, steps: object) -> int:
     return steps
 
 
-class Learner(nn.Module):
+class Learner(nn.Module, ABC):
     """Base class: owns the user's model (as ``self.module``) and its functional view."""
 
     fn_name = "metagrad.Learner"
@@ -73,15 +85,66 @@ class Learner(nn.Module):
     def make_objective(self) -> TaskLoss:
         return TaskLoss(self.fmodel, self.loss_fn, fn_name=self.fn_name)
 
-    # -- pieces subclasses provide --------------------------------------------------------
-    def extra_params(self) -> Params:
-        """Meta-learned tensors besides the model's parameters (learned inner LRs...)."""
-        return {}
+    # -- the contract ----------------------------------------------------------------------
+    @abstractmethod
+    def meta_result(
+        self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
+    ) -> MetaResult:
+        """Mean query loss over tasks and its gradient keyed like ``named_parameters()``."""
 
-    def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
-        raise NotImplementedError
+    @abstractmethod
+    def adapt(
+        self, x: Tensor, y: Tensor, steps: int | None = None, *, differentiable: bool = False
+    ) -> Params:
+        """One task's adapted parameters (every parameter by name, usable with predict)."""
 
-    # -- shared API -----------------------------------------------------------------------
+    @abstractmethod
+    def default_eval_steps(self) -> int:
+        """Inner steps used in eval mode and by :meth:`adapt` by default."""
+
+    def current_order(self) -> int:
+        return 1
+
+    # -- written once -----------------------------------------------------------------------
+    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        r"""Mean over tasks of the query loss after adaptation; ``.backward()`` gives the meta-gradient.
+
+        Args:
+            xs: support inputs ``[T, K, ...]``; ys: support targets ``[T, K, ...]``.
+            xq: query inputs ``[T, Q, ...]``; yq: query targets ``[T, Q, ...]``.
+
+        Returns:
+            A scalar. Its gradient is computed here, task by task or vmapped, and handed to the
+            parameters by ``backward()``; no task's graph is kept alive. Under ``torch.no_grad()``
+            only the value is computed (validation).
+
+        Raises:
+            ValueError, TypeError: malformed task tensors (message names the tensor and the fix).
+            NonFiniteError: NaN/Inf, naming the task index and inner step.
+        """
+        need_grad = torch.is_grad_enabled()
+        res = self.meta_result(xs, ys, xq, yq, need_grad=need_grad)
+        if not need_grad:
+            return res.loss
+        return self.attach(res)
+
+    def attach(self, res: MetaResult) -> Tensor:
+        """``res.loss`` as a tensor whose ``backward()`` delivers ``res.grads`` (and the gradients
+        of closed-over tensors in ``res.foreign``).
+
+        The hook for code that transforms the meta-gradient before delivery (e.g. the
+        all-reduce of ``metagrad.distributed``).
+        """
+        named = dict(self.named_parameters())
+        pairs = [(named[k], g) for k, g in res.grads.items()] + list(res.foreign)
+        out: Tensor = AttachGrad.apply(res.loss, tuple(g for _, g in pairs), *(t for t, _ in pairs))
+        return out
+
+    def meta_grad(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor | None]:
+        """The meta-gradient keyed like ``learner.named_parameters()`` (``.grad`` untouched)."""
+        return self.meta_result(xs, ys, xq, yq).grads
+
+    # -- shared helpers ---------------------------------------------------------------------
     def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
         return dtype_device(self.fmodel.params())
 
@@ -89,6 +152,33 @@ class Learner(nn.Module):
         self, name: str, xs: object, ys: object, xq: object, yq: object
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return check_tasks(f"{self.fn_name}.{name}", xs, ys, xq, yq, *self._dtype_device())
+
+    def predict(self, params: Params, x: Tensor) -> Tensor:
+        """Model output for inputs ``x`` with parameters ``params`` (e.g. from :meth:`adapt`)."""
+        if not isinstance(params, dict):
+            raise TypeError(
+                f"{self.fn_name}.predict: params must be the dict returned by adapt(), got "
+                f"{type(params).__name__}."
+            )
+        missing = [k for k in self.fmodel.trainable if k not in params]
+        if missing:
+            raise ValueError(
+                f"{self.fn_name}.predict: params lacks {missing}; pass the dict returned by adapt()."
+            )
+        self.fmodel.sync_modes()
+        return self.fmodel.forward(params, self.fmodel.buffers(), x)
+
+
+class UnrolledLearner(Learner):
+    """A learner whose tasks run an inner loop (:class:`InnerSpec`) through the bilevel engine."""
+
+    def extra_params(self) -> Params:
+        """Meta-learned tensors besides the model's parameters (learned inner LRs...)."""
+        return {}
+
+    @abstractmethod
+    def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
+        """The inner loop for ``steps`` steps at ``order`` (in train or eval mode)."""
 
     def adapt(
         self, x: Tensor, y: Tensor, steps: int | None = None, *, differentiable: bool = False
@@ -124,26 +214,21 @@ class Learner(nn.Module):
             adapted = {k: v.detach() for k, v in adapted.items()}
         return adapted
 
-    def predict(self, params: Params, x: Tensor) -> Tensor:
-        """Model output for inputs ``x`` with parameters ``params`` (e.g. from :meth:`adapt`)."""
-        if not isinstance(params, dict):
-            raise TypeError(
-                f"{self.fn_name}.predict: params must be the dict returned by adapt(), got "
-                f"{type(params).__name__}."
-            )
-        missing = [k for k in self.fmodel.trainable if k not in params]
-        if missing:
-            raise ValueError(
-                f"{self.fn_name}.predict: params lacks {missing}; pass the dict returned by adapt()."
-            )
-        self.fmodel.sync_modes()
-        return self.fmodel.forward(params, self.fmodel.buffers(), x)
 
-    def default_eval_steps(self) -> int:
-        raise NotImplementedError
+class ImplicitLearner(Learner):
+    """A learner whose tasks are differentiated at an inner solution (implicit gradients)."""
 
-    def current_order(self) -> int:
-        return 1
+    @abstractmethod
+    def solve_inner(
+        self,
+        theta: Params,
+        buffers: dict[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        task: int = 0,
+    ) -> Params:
+        """An approximate inner solution from ``theta`` on one support set (detached)."""
 
 
 Selector = None | str | list[str] | tuple[str, ...] | Callable[[str], bool]

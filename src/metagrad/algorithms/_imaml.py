@@ -30,10 +30,9 @@ from torch import Tensor, nn
 from metagrad import optim
 from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
-from metagrad.algorithms._base import Learner, check_lr, check_steps
-from metagrad.algorithms._task import InnerSpec, make_inner_optimizer
+from metagrad.algorithms._base import ImplicitLearner, check_lr, check_steps
+from metagrad.algorithms._task import MetaResult, make_inner_optimizer
 from metagrad.bilevel import cg, custom_root
-from metagrad.bilevel._problem import AttachGrad
 from metagrad.functional._attention import higher_order_attention
 from metagrad.functional._checks import check_task
 
@@ -63,7 +62,7 @@ def conjugate_gradient(
     return [res.x[k] for k in keys], res.iterations, res.residual
 
 
-class IMAML(Learner):
+class IMAML(ImplicitLearner):
     r"""Implicit MAML on any ``nn.Module`` (see the module docstring for the math).
 
     Args:
@@ -133,9 +132,6 @@ class IMAML(Learner):
 
     def default_eval_steps(self) -> int:
         return self.eval_steps
-
-    def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
-        raise NotImplementedError("IMAML runs its own proximal inner loop; see IMAML.solve_inner.")
 
     def solve_inner(
         self, theta: Params, buffers: Buffers, x: Tensor, y: Tensor, steps: int, task: int = 0
@@ -223,15 +219,19 @@ class IMAML(Learner):
                 check_finite(self.fn_name, g, f"implicit meta-gradient of {n!r}", task, None)
         return q.detach(), [g.detach() for g in grads]
 
-    def meta_grad(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor]:
-        """Implicit meta-gradient keyed ``"module.<name>"`` (``.grad`` untouched)."""
-        _, grads = self._meta(xs, ys, xq, yq)
-        return {f"module.{k}": g for k, g in grads.items()}
+    def meta_result(
+        self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
+    ) -> MetaResult:
+        """Mean query loss at the inner solutions and the implicit meta-gradient."""
+        loss, grads, per_task = self._meta(xs, ys, xq, yq, need_grad=need_grad)
+        keyed: dict[str, Tensor | None] = {f"module.{k}": g for k, g in grads.items()}
+        return MetaResult(loss, keyed if need_grad else {}, per_task, [])
 
     def _meta(
         self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
-    ) -> tuple[Tensor, Params]:
-        """Mean query loss at the inner solutions and (if ``need_grad``) the implicit gradient."""
+    ) -> tuple[Tensor, Params, Tensor]:
+        """Mean query loss at the inner solutions, the implicit gradient (if ``need_grad``) and
+        the per-task losses."""
         xs, ys, xq, yq = self._tasks("meta_loss", xs, ys, xq, yq)
         steps = self.inner_steps if self.training else self.eval_steps
         theta = self.fmodel.params()
@@ -251,15 +251,8 @@ class IMAML(Learner):
             losses.append(q)
             for k, g in zip(theta, gs):
                 total[k] += g / T
-        return torch.stack(losses).mean(), total
-
-    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        """Mean query loss at the inner solutions; ``.backward()`` writes the implicit meta-gradient."""
-        if not torch.is_grad_enabled():
-            return self._meta(xs, ys, xq, yq, need_grad=False)[0]
-        loss, grads = self._meta(xs, ys, xq, yq)
-        theta = self.fmodel.params()
-        return AttachGrad.apply(loss, tuple(grads[k] for k in theta), *theta.values())  # type: ignore[no-any-return]
+        per_task = torch.stack(losses)
+        return per_task.mean(), total, per_task
 
     def adapt(
         self, x: Tensor, y: Tensor, steps: int | None = None, *, differentiable: bool = False

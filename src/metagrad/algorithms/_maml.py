@@ -15,13 +15,15 @@ References:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metagrad import optim
 from metagrad._typing import LossFn, Params
-from metagrad.algorithms._base import Learner, Selector, check_lr, check_steps
+from metagrad.algorithms._base import Selector, UnrolledLearner, check_lr, check_steps
 from metagrad.algorithms._task import (
     InnerSpec,
     MetaResult,
@@ -31,7 +33,7 @@ from metagrad.algorithms._task import (
     resolve_strategy,
 )
 from metagrad.bilevel import Cache
-from metagrad.bilevel._problem import LR, AttachGrad
+from metagrad.bilevel._problem import LR
 from metagrad.functional._model import Recorder, dtype_device, norm_module_names, select_names
 
 LEARN_LR = (None, "per_param", "per_step")
@@ -57,7 +59,7 @@ def msl_weights(steps: int, meta_step: int, anneal_steps: int) -> tuple[float, .
     return tuple(w)
 
 
-class MAML(Learner):
+class MAML(UnrolledLearner):
     r"""Model-agnostic meta-learning with exact second-order meta-gradients.
 
     A thin wrapper over the functional engine: it never mutates ``model`` (a private template is
@@ -93,7 +95,7 @@ class MAML(Learner):
         strategy: ``"auto"`` (default), ``"loop"``, ``"vmap"``, ``"hvp_chain"`` or
             ``"checkpoint"``; see ``metagrad.functional``.
         compile: ``torch.compile`` the vmapped meta-gradient (vmap strategy only; True = inductor,
-            or a backend name). Compiles once per inner-loop configuration and batch shape (the
+            or a backend name or callable). Compiles once per inner-loop configuration and batch shape (the
             learner's :attr:`cache`), then runs several times faster than eager: for long runs
             (timings in BENCHMARKS.md).
         allow_unused: adapted parameters that do not reach the support loss are left unchanged
@@ -135,7 +137,7 @@ class MAML(Learner):
         bn: str = "transductive",
         memory_format: str = "auto",
         strategy: str = "auto",
-        compile: bool | str = False,
+        compile: bool | str | Callable[..., Any] = False,
         allow_unused: bool = False,
         check_finite: bool = True,
     ) -> None:
@@ -162,9 +164,10 @@ class MAML(Learner):
         self.msl_anneal_steps = check_steps(fn, "msl_anneal_steps", msl_anneal_steps)
         self.first_order_steps = check_steps(fn, "first_order_steps", first_order_steps)
         self.strategy = strategy
-        if not isinstance(compile, (bool, str)):
+        if not isinstance(compile, (bool, str)) and not callable(compile):
             raise TypeError(
-                f"{fn}: compile={compile!r} must be True/False or a torch.compile backend name."
+                f"{fn}: compile={compile!r} must be True/False, a torch.compile backend name or "
+                f"a backend callable."
             )
         self.use_compile = compile
         device = dtype_device(self.fmodel.params())[1]
@@ -346,42 +349,9 @@ class MAML(Learner):
             self._update_step_stats(records)
         return res
 
-    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        r"""Mean over tasks of the query loss after adaptation; ``.backward()`` gives the meta-gradient.
-
-        Args:
-            xs: support inputs ``[T, K, ...]``; ys: support targets ``[T, K, ...]``.
-            xq: query inputs ``[T, Q, ...]``; yq: query targets ``[T, Q, ...]``.
-
-        Returns:
-            A scalar. Its gradient is computed here, task by task or vmapped, and handed to the
-            parameters by ``backward()``; no task's graph is kept alive. Under ``torch.no_grad()``
-            only the value is computed (validation). In train mode each call with gradients counts
-            one meta-step (for ``first_order_steps`` and ``multi_step_loss`` annealing).
-
-        Raises:
-            ValueError, TypeError: malformed task tensors (message names the tensor and the fix).
-            NonFiniteError: NaN/Inf, naming the task index and inner step.
-        """
-        need_grad = torch.is_grad_enabled()
-        res = self.meta_result(xs, ys, xq, yq, need_grad=need_grad)
-        if not need_grad:
-            return res.loss
-        return self.attach(res)
-
     def attach(self, res: MetaResult) -> Tensor:
-        """``res.loss`` as a tensor whose ``backward()`` delivers ``res.grads`` (counts a meta-step).
-
-        The hook for code that transforms the meta-gradient before delivery (e.g. the
-        all-reduce of ``metagrad.distributed``).
-        """
+        """As :meth:`Learner.attach`; in train mode it counts one meta-step (for
+        ``first_order_steps`` and ``multi_step_loss`` annealing)."""
         if self.training:
             self.meta_step += 1
-        named = dict(self.named_parameters())
-        pairs = [(named[k], g) for k, g in res.grads.items()] + list(res.foreign)
-        out: Tensor = AttachGrad.apply(res.loss, tuple(g for _, g in pairs), *(t for t, _ in pairs))
-        return out
-
-    def meta_grad(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor | None]:
-        """The meta-gradient keyed like ``learner.named_parameters()`` (``.grad`` untouched)."""
-        return self.meta_result(xs, ys, xq, yq).grads
+        return super().attach(res)

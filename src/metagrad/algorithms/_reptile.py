@@ -18,12 +18,11 @@ from torch import Tensor, nn
 from metagrad import optim
 from metagrad._errors import check_finite
 from metagrad._typing import LossFn, Params
-from metagrad.algorithms._base import Learner, check_lr, check_steps
-from metagrad.algorithms._task import InnerSpec, make_inner_optimizer, run_task
-from metagrad.bilevel._problem import AttachGrad
+from metagrad.algorithms._base import UnrolledLearner, check_lr, check_steps
+from metagrad.algorithms._task import InnerSpec, MetaResult, make_inner_optimizer, run_task
 
 
-class Reptile(Learner):
+class Reptile(UnrolledLearner):
     """Reptile on any ``nn.Module`` (see module docstring for the math).
 
     Args:
@@ -81,8 +80,13 @@ class Reptile(Learner):
             fn_name=self.fn_name,
         )
 
-    def meta_loss(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        """Mean query loss after adaptation; ``.backward()`` writes the Reptile direction ``theta - mean(phi)``."""
+    def meta_result(
+        self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
+    ) -> MetaResult:
+        """Mean query loss after adaptation and the Reptile direction ``theta - mean(phi)``.
+
+        ``meta_loss(...).backward()`` writes the direction into ``.grad``.
+        """
         xs, ys, xq, yq = self._tasks("meta_loss", xs, ys, xq, yq)
         steps = self.inner_steps if self.training else self.eval_steps
         spec = self.inner_spec(steps, 1, training=self.training)
@@ -105,7 +109,6 @@ class Reptile(Learner):
                 losses.append(q)
                 for k in theta:
                     direction[k] += (theta[k].detach() - phi[k].detach()) / T
-        loss = torch.stack(losses).mean()
-        if not torch.is_grad_enabled():
-            return loss
-        return AttachGrad.apply(loss, tuple(direction.values()), *theta.values())  # type: ignore[no-any-return]
+        per_task = torch.stack(losses)
+        grads: dict[str, Tensor | None] = {f"module.{k}": g for k, g in direction.items()}
+        return MetaResult(per_task.mean(), grads if need_grad else {}, per_task, [])

@@ -210,7 +210,7 @@ def meta_gradient(
     *,
     strategy: str = "auto",
     need_grad: bool = True,
-    compile: bool | str = False,
+    compile: bool | str | Callable[..., Any] = False,
     cache: Cache | None = None,
     extra_names: dict[str, str] | None = None,
 ) -> MetaResult:
@@ -270,7 +270,11 @@ def meta_gradient(
             grads[f"module.{n}"] = g.w0[n] if n in g.w0 else g.h.fixed[n]
         for k in extra:
             grads[names.get(k, k)] = g.h.extra[k]
-    return MetaResult(res.value, grads, res.per_problem, res.foreign)
+    # Tensor hyperparameters of the inner optimizer (a learnable weight decay...) belong to no
+    # learner parameter: they are delivered like closed-over tensors, never dropped.
+    hyper = spec.optimizer.hyperparams()
+    opt_pairs = [(hyper[k], gk) for k, gk in res.grads.opt.items() if gk is not None]
+    return MetaResult(res.value, grads, res.per_problem, [*res.foreign, *opt_pairs])
 
 
 def resolve_strategy(

@@ -171,7 +171,7 @@ def _one_problem(
                 a = {n: x.detach().requires_grad_() for n, x in w_k.items()}
                 q = problem.call_outer(a, h, outer_data, k)
                 if problem.check_finite:
-                    check_finite(problem.name, q, problem.outer_name, at, None)
+                    check_finite(problem.name, q, problem.outer_name, at, None, problem.unit)
                 discover([q], list(a.values()))
                 gs = (
                     torch.autograd.grad(c * q, [*a.values(), *phi, *foreign], allow_unused=True)

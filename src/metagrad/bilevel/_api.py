@@ -24,6 +24,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -80,7 +81,7 @@ def hypergrad(
     need_grad: bool = True,
     truncate: int | None = None,
     implicit_options: ImplicitOptions | None = None,
-    compile: bool | str = False,
+    compile: bool | str | Callable[..., Any] = False,
     cache: Cache | None = None,
     vmap_ok: bool = False,
 ) -> HyperGrad:
@@ -212,7 +213,7 @@ def _checked(
     need_grad: bool,
     truncate: int | None,
     options: ImplicitOptions,
-    compile: bool | str,
+    compile: bool | str | Callable[..., Any],
     cache: Cache | None,
 ) -> HyperGrad:
     """Run unchecked; on a non-finite result re-run with per-step checks to name the culprit.
@@ -266,7 +267,7 @@ def _checked(
         unroll(problem, mp, inner_data, outer_data, batched=batched, need_grad=need_grad)
     else:
         go(problem)
-    raise NonFiniteError(problem.name, _grad_word(problem), None, None)
+    raise NonFiniteError(problem.name, _grad_word(problem), None, None, problem.unit)
 
 
 def _grad_word(problem: Problem) -> str:

@@ -140,7 +140,7 @@ def _one(
         w_star = solve({n: v.detach() for n, v in mp0.w0.items()}, hd)
         q = problem.call_outer(w_star, mp0.h, outer_data, problem.steps)
         if problem.check_finite:
-            check_finite(problem.name, q, problem.outer_name, at, None)
+            check_finite(problem.name, q, problem.outer_name, at, None, problem.unit)
         inputs = [hd[k] for k in keys]
         stray = foreign_leaves([q], [*leaves, *inputs]) if q.requires_grad else []
         if stray:

@@ -44,7 +44,7 @@ class AutogradBackend:
         with attention_for(self.create_graph):
             loss = f(w)
         if self.check:
-            check_finite(pb.name, loss, pb.inner_name, self.index, step)
+            check_finite(pb.name, loss, pb.inner_name, self.index, step, pb.unit)
         names = list(w)
         raw = torch.autograd.grad(
             loss, [w[n] for n in names], create_graph=self.create_graph, allow_unused=True
@@ -59,7 +59,7 @@ class AutogradBackend:
         grads = {n: torch.zeros_like(w[n]) if g is None else g for n, g in zip(names, raw)}
         if self.check:
             for n, g in grads.items():
-                check_finite(pb.name, g, f"inner gradient of {n!r}", self.index, step)
+                check_finite(pb.name, g, f"inner gradient of {n!r}", self.index, step, pb.unit)
         return grads, loss
 
 

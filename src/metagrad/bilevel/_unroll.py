@@ -57,7 +57,7 @@ def unroll(
             )
             assert obj is not None
             if problem.check_finite:
-                check_finite(problem.name, obj, problem.outer_name, at, None)
+                check_finite(problem.name, obj, problem.outer_name, at, None, problem.unit)
             if need_grad:
                 if i == 0 and find_foreign and obj.requires_grad:
                     known = [*flat.leaves, *w_start.values()]

@@ -121,7 +121,7 @@ def vmapped(
     outer_data: Any,
     *,
     need_grad: bool,
-    compile: bool | str = False,
+    compile: bool | str | Callable[..., Any] = False,
     cache: Cache | None = None,
 ) -> tuple[HyperGrad, Tensor | None]:
     """All problems at once; returns the result and the finiteness flags (None if unchecked)."""
@@ -139,7 +139,7 @@ def vmapped(
         key = (unchecked, weighted, compile, repr(flat.spec), tuple(flat.wrt), check)
         fn = cache.compiled.get(key)
         if fn is None:
-            backend = "inductor" if compile is True else str(compile)
+            backend = "inductor" if compile is True else compile
             fn = torch.compile(
                 _vmap_fn(fn_problem, flat, need_grad, check, weighted), backend=backend
             )

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from metagrad._typing import Params
-from metagrad.algorithms._base import Learner, check_steps
+from metagrad.algorithms._base import UnrolledLearner, check_steps
 from metagrad.algorithms._task import InnerSpec, run_task, task_problem
 from metagrad.bilevel._inner import AutogradBackend, GradBackend
 from metagrad.functional._checks import check_task
@@ -179,7 +179,7 @@ class _RecordingBackend(GradBackend):
 
 
 def meta_graph(
-    learner: Learner,
+    learner: UnrolledLearner,
     xs: Tensor,
     ys: Tensor,
     xq: Tensor,
@@ -220,7 +220,7 @@ def meta_graph(
         >>> bool(g2.second_order_ops()), bool(g1.second_order_ops())
         (True, False)
     """
-    if not isinstance(learner, Learner) or not hasattr(learner, "inner_spec"):
+    if not isinstance(learner, UnrolledLearner):
         raise TypeError(
             f"{_FN}: learner must be a metagrad learner such as metagrad.algorithms.MAML(model, "
             f"loss_fn, inner_lr, inner_steps), got {type(learner).__name__}."

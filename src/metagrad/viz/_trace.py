@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metagrad.algorithms._base import Learner, check_steps
+from metagrad.algorithms._base import UnrolledLearner, check_steps
 from metagrad.functional._checks import check_tasks
 
 __all__ = ["TRACE_KEYS", "inner_trace", "plot_trace", "write_trace_csv"]
@@ -37,7 +37,7 @@ def _mean_rate(rate: float | Tensor) -> float:
 
 
 def inner_trace(
-    learner: Learner,
+    learner: UnrolledLearner,
     xs: Tensor,
     ys: Tensor,
     xq: Tensor,
@@ -77,7 +77,7 @@ def inner_trace(
         >>> len(inner_trace(learner, x, 2 * x, x, 2 * x))
         9
     """
-    if not isinstance(learner, Learner) or not hasattr(learner, "inner_spec"):
+    if not isinstance(learner, UnrolledLearner):
         raise TypeError(
             f"{_FN}: learner must be a metagrad learner such as metagrad.algorithms.MAML, got "
             f"{type(learner).__name__}."
