@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from metagrad import bilevel, optim
-from metagrad._errors import NonFiniteError
 
 D = torch.float64
 N, F, NV = 12, 3, 8
@@ -180,7 +179,7 @@ def test_finite_differences_in_random_directions(name: str) -> None:
         d = torch.randn(g.numel(), generator=gen, dtype=D)
         d /= d.norm()
 
-        def value(eps: float) -> float:
+        def value(eps: float, d: Tensor = d) -> float:
             off, moved = 0, []
             with torch.no_grad():
                 for t in tensors:
@@ -303,7 +302,11 @@ def test_implicit_warns_when_the_inner_problem_is_not_solved() -> None:
     lam = lam0.clone().requires_grad_()
     with pytest.warns(RuntimeWarning, match=r"residual .* > residual_tol"):
         bilevel.hypergrad(
-            _ridge_problem(3), {"w": torch.zeros(F, dtype=D)}, {"lam": lam}, (X, y), (Xv, yv),
+            _ridge_problem(3),
+            {"w": torch.zeros(F, dtype=D)},
+            {"lam": lam},
+            (X, y),
+            (Xv, yv),
             strategy="implicit",
         )
 
