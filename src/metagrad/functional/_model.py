@@ -116,6 +116,7 @@ class FunctionalModel:
     _hooked: bool = False
     # Resolved ``memory_format``: None (never), "cpu" (CPU inputs only: auto) or "any".
     channels_last: str | None = None
+    fn_name: str = "metagrad"  # the public function, first word of error messages
 
     def __post_init__(self) -> None:
         # forward() runs per inner step per task: look buffer names up in a set built once.
@@ -167,6 +168,7 @@ class FunctionalModel:
         pairs = list(zip(module.modules(), template.modules()))
         pool_before_relu(template)  # after pairing: it reorders the template's modules
         fm = cls(module, template, trainable, frozen, buffer_names, bn, pairs)
+        fm.fn_name = fn_name
         if memory_format == "channels_last":
             fm.channels_last = "any"
         elif memory_format == "auto" and _stock_conv2d_net(module):
@@ -263,6 +265,15 @@ class FunctionalModel:
         return self._call(params, buffers, x)
 
     def _call(self, params: Params, buffers: Buffers, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and _float16_autocast(x):
+            raise ValueError(
+                f"{self.fn_name}: the forward pass runs under "
+                f"torch.autocast(dtype=torch.float16) while gradients are taken. float16 needs "
+                f"a loss scale to keep small inner gradients (and their derivatives, at order 2) "
+                f"from underflowing to zero, and metagrad's inner loop does not scale its loss. "
+                f"Fix: use torch.autocast(device_type, dtype=torch.bfloat16) (float32's exponent "
+                f"range, no loss scale needed), or float32."
+            )
         if self._fused_attention:
             with no_fused_inference():
                 return functional_call(self.template, (params, buffers), (x,))
@@ -294,6 +305,14 @@ class FunctionalModel:
             if own and not isinstance(m, _VMAP_SAFE):
                 return False
         return True
+
+
+def _float16_autocast(x: Tensor) -> bool:
+    """True when ``x``'s device runs autocast with float16 (tested once per forward: ~1 us)."""
+    device = x.device.type
+    if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device):
+        return False
+    return torch.get_autocast_dtype(device) == torch.float16
 
 
 def pool_before_relu(module: nn.Module) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad.algorithms import ANIL, IMAML, MAML, MAMLpp, MetaSGD, Reptile
-from metagrad.models import conv4, sinusoid_mlp
+from metagrad.models import conv4, sinusoid_mlp, vit
 from metagrad.tasks import (
     DatasetError,
     FewShotTasks,
@@ -126,8 +126,22 @@ def make_model(cfg: TrainConfig, image_shape: tuple[int, int, int] | None) -> nn
                 raise ConfigError(
                     f"images are {h}x{w} but conv-4 needs square images; pass --image-size N."
                 )
-            model = conv4(cfg.n_way, in_channels=c, hidden=cfg.hidden, image_size=h)
+            if cfg.model == "vit":
+                model = _vit(cfg, c, h)
+            else:
+                model = conv4(cfg.n_way, in_channels=c, hidden=cfg.hidden, image_size=h)
     return model.to(cfg.device)
+
+
+def _vit(cfg: TrainConfig, channels: int, size: int) -> nn.Module:
+    """``metagrad.models.vit``: 7x7 patches where the side allows (28: 16 patches), else 4x4."""
+    patch = next((p for p in (7, 4, 2) if size % p == 0), None)
+    if patch is None:
+        raise ConfigError(
+            f"images are {size}x{size} but the ViT cuts them into 7x7, 4x4 or 2x2 patches; "
+            f"pass --image-size 28 (or any multiple of 4 or 7)."
+        )
+    return vit(cfg.n_way, in_channels=channels, image_size=size, patch=patch)
 
 
 def head_name(model: nn.Module) -> str:

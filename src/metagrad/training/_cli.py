@@ -27,6 +27,7 @@ from metagrad.training._checkpoint import CheckpointError, OutputWriteError, loa
 from metagrad.training._config import (
     ALGORITHMS,
     ALIASES,
+    MODELS,
     PRESETS,
     STRATEGIES,
     ConfigError,
@@ -55,6 +56,7 @@ TRAIN_FLAGS = {
     "checkpoint_every": "checkpoint_every", "hidden": "hidden", "image_size": "image_size",
     "device": "device", "tensorboard": "tensorboard", "split": "split", "val_tasks": "val_tasks",
     "compile": "compile", "imaml_lam": "imaml_lam", "cg_steps": "cg_steps", "nan_policy": "nan_policy",
+    "model": "model",
 }  # fmt: skip
 
 
@@ -407,6 +409,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_pos_int)
     p.add_argument("--checkpoint-every", type=_pos_int)
     p.add_argument("--hidden", type=_pos_int, help="conv-4 filters")
+    p.add_argument(
+        "--model", choices=MODELS,
+        help="image tasks: conv4 (the MAML paper's, default) or vit (metagrad.models.vit)",
+    )  # fmt: skip
     p.add_argument("--image-size", type=_pos_int, help="resize images to N x N")
     p.add_argument("--split", type=_fractions, help="class split fractions TRAIN,VAL,TEST")
     p.add_argument("--device", help="torch device (default cpu)")

@@ -17,6 +17,7 @@ TASKS = ("sinusoid", "omniglot", "folder")
 ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "imaml")
 STRATEGIES = ("auto", "loop", "vmap", "hvp_chain", "checkpoint")
 SCHEDULES = ("constant", "cosine")
+MODELS = ("conv4", "vit")  # image tasks: the MAML paper's conv-4, or metagrad.models.vit
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,7 @@ class TrainConfig:
     eval_queries: int | None = None
     # model (image tasks): conv-4 filters, image side, Omniglot rotations and split
     hidden: int = 64
+    model: str = "conv4"  # image tasks: "conv4" or "vit" (patch 7 at 28x28; ignored for sinusoid)
     image_size: int | None = None
     rotations: list[int] = field(default_factory=lambda: [0])
     split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
@@ -241,6 +243,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.lr_schedule not in SCHEDULES:
         raise ConfigError(f"lr_schedule={cfg.lr_schedule!r}: choose one of {list(SCHEDULES)}.")
+    if cfg.model not in MODELS:
+        raise ConfigError(f"model={cfg.model!r} is not known; choose one of {list(MODELS)}.")
     for name in ("n_way", "shots", "queries", "hidden", "meta_batch", "iterations", "val_every",
                  "val_tasks", "eval_tasks", "log_every", "checkpoint_every"):  # fmt: skip
         _check_int(name, getattr(cfg, name), 1)
