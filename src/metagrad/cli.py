@@ -282,6 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the ``metagrad`` command line.
 
@@ -293,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         ``argparse`` (``SystemExit``), with a message naming the flag and the expected form.
     """
     args_in = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(_glue_negative_values(args_in))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(_glue_negative_values(args_in))
+    if extra:  # as argparse would, but in the subcommand's words: `metagrad train: error: ...`
+        sub = _subparser(parser, getattr(args, "command", None))
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
     if args.debug:
         previous = os.environ.get("METAGRAD_DEBUG")

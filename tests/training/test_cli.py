@@ -143,3 +143,15 @@ def test_unwritable_output_and_existing_run(
         run(["train", "sinusoid", "--output", str(out), "--overwrite", *TINY, "--seed", "3"]) == 0
     )
     assert (out / "checkpoint.pt").read_bytes() != before
+
+
+def test_eval_of_one_task_has_no_confidence_interval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert run(["train", "sinusoid", "--output", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert run(["eval", str(out), "--tasks", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "1 task, 5-shot" in text and "+- n/a" in text and "needs at least 2 tasks" in text
+    assert "+- 0.0000" not in text

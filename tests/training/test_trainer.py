@@ -143,7 +143,7 @@ def test_omniglot_pipeline_on_fixture_zips(omniglot_zips: Path, tmp_path: Path) 
 
 def test_n_way_larger_than_split(omniglot_zips: Path) -> None:
     cfg = TrainConfig().replace(
-        task="omniglot", data=str(omniglot_zips), n_way=9, shots=1, queries=1, image_size=8,
+        task="omniglot", data=str(omniglot_zips), n_way=9, shots=1, queries=1, image_size=16,
         rotations=[0], split=[0.5, 0.25, 0.25],
     )  # fmt: skip
     with pytest.raises(ValueError, match=r"train split.*n_way=9 but the data has only 8"):

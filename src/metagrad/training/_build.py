@@ -23,7 +23,7 @@ from metagrad.tasks import (
     load_image_folder,
     load_omniglot,
 )
-from metagrad.training._config import ConfigError, TrainConfig
+from metagrad.training._config import MIN_IMAGE_SIZE, ConfigError, TrainConfig
 
 # Streams of derive_seed(cfg.seed, stream).
 MODEL_STREAM, TRAIN_STREAM, VAL_STREAM, TEST_STREAM = 0, 1, 2, 3
@@ -98,10 +98,33 @@ def make_sampler(cfg: TrainConfig, splits: Splits, split: str, *, seed: int) -> 
     if cfg.task == "sinusoid":
         return SinusoidTasks(shots, queries, seed=seed)
     data = splits.get(split)
+    if not train and data.num_classes:
+        _check_eval_sizes(cfg, data, split, shots, queries)
     try:
         return FewShotTasks(data, cfg.n_way, shots, queries, seed=seed)
     except DatasetError as err:
         raise DatasetError(f"{split} split: {err}") from None
+
+
+def _check_eval_sizes(
+    cfg: TrainConfig, data: ImageClasses, split: str, shots: int, queries: int
+) -> None:
+    """Validation/test tasks too large for the split, naming the settings actually used there."""
+    sizes = data.class_sizes()
+    smallest = int(sizes.min())
+    if shots + queries <= smallest:
+        return
+    name = data.names[int(sizes.argmin())]
+    terms = [
+        "eval_shots" if cfg.eval_shots is not None else "shots (--k-shot; no --eval-shots given)",
+        "eval_queries" if cfg.eval_queries is not None else "queries (no --eval-queries given)",
+    ]
+    raise DatasetError(
+        f"{split} split: {terms[0]} + {terms[1]} = {shots} + {queries} = {shots + queries} images "
+        f"per class are needed but class {name!r} has {smallest}. Fix: make them sum to at most "
+        f"{smallest} (metagrad train: --eval-shots/--eval-queries; metagrad eval: "
+        f"--shots/--queries)."
+    )
 
 
 def make_samplers(cfg: TrainConfig, splits: Splits) -> dict[str, AnySampler]:
@@ -125,6 +148,11 @@ def make_model(cfg: TrainConfig, image_shape: tuple[int, int, int] | None) -> nn
             if h != w:
                 raise ConfigError(
                     f"images are {h}x{w} but conv-4 needs square images; pass --image-size N."
+                )
+            if h < MIN_IMAGE_SIZE:
+                raise ConfigError(
+                    f"images are {h}x{w} but conv-4's four 2x2 max-pools need at least "
+                    f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}; pass --image-size {MIN_IMAGE_SIZE} or more."
                 )
             if cfg.model == "vit":
                 model = _vit(cfg, c, h)

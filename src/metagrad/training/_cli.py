@@ -173,8 +173,13 @@ def _fractions(text: str) -> list[float]:
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Preset, then ``--config`` file, then explicit flags; validated."""
     file_values: dict[str, Any] = read_config_file(args.config) if args.config else {}
-    name = args.preset or file_values.pop("preset", None)
-    file_values.pop("preset", None)
+    in_file = file_values.pop("preset", None)
+    if args.preset and in_file is not None and in_file != args.preset:
+        raise ConfigError(
+            f"the preset is named twice: {args.preset!r} on the command line and {in_file!r} in "
+            f"config file {args.config!r}. Fix: drop one of them."
+        )
+    name = args.preset or in_file
     if name is None and args.resume and args.output and not file_values:
         # `train --resume --output DIR`: the run's own settings, then the flags.
         stored = load_checkpoint(args.output).get("config", {})
@@ -320,9 +325,9 @@ def _run_eval(args: argparse.Namespace) -> int:
             trainer.cfg = trainer.cfg.replace(test_steps=sorted(set(args.test_steps)))
         out = None
         if args.output:
-            from metagrad.training._trainer import prepare_output
+            from metagrad.training._trainer import prepare_eval_output
 
-            out = prepare_output(args.output, resume=False)
+            out = prepare_eval_output(args.output)
         _finish(trainer, out, "eval", None, plots=not args.no_plots)
         if args.trace:
             _write_trace(trainer, out, args.trace, plots=not args.no_plots)
@@ -427,8 +432,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--nan-policy", choices=("raise", "skip"),
         help="on NaN/Inf: stop with an error naming task/step (default) or skip the meta-batch",
     )  # fmt: skip
-    p.add_argument("--imaml-lam", type=float, help="iMAML proximal strength lambda")
-    p.add_argument("--cg-steps", type=int, help="iMAML conjugate-gradient steps")
+    p.add_argument("--imaml-lam", type=_pos_float, help="iMAML proximal strength lambda")
+    p.add_argument("--cg-steps", type=_pos_int, help="iMAML conjugate-gradient steps")
     p.add_argument(
         "--dist-timeout", type=_pos_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
         help=f"torchrun: seconds a rank waits for the others in a collective before it stops "

@@ -196,15 +196,115 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
-    """``cfg`` with ``values`` (field name -> value; ``-`` in names allowed) applied."""
+    """``cfg`` with ``values`` (field name -> value; ``-`` in names allowed) applied.
+
+    Raises:
+        ConfigError: an unknown key, or a value of the wrong type (naming key, value, type).
+    """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     changes = {}
     for k, v in values.items():
         key = k.replace("-", "_")
         if key not in names:
             raise ConfigError(f"{source}: unknown setting {k!r}; known: {sorted(names)}.")
+        problem = type_problem(key, v)
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
         changes[key] = v
     return cfg.replace(**changes)
+
+
+_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+_DEFAULTS = TrainConfig().to_dict()
+_EXPECTED = {"bool": "true or false (a boolean)", "int": "an integer", "float": "a number",
+             "str": "a string", "list[int]": "a list of integers",
+             "list[float]": "a list of numbers"}  # fmt: skip
+
+
+def _is(kind: str, v: object) -> bool:
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind == "str":
+        return isinstance(v, str)
+    if kind.startswith("list[") and isinstance(v, list):
+        return all(_is(kind[5:-1], x) for x in v)
+    return False
+
+
+def type_problem(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be the setting ``name`` (wrong type), or None if its type fits.
+
+    Checks the type only (``"5"`` for an int, ``"no"`` for a bool); ranges are :func:`validate`'s.
+    """
+    ann = _TYPES.get(name)
+    if ann is None:
+        return None
+    optional = ann.endswith(" | None")
+    kind = ann.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    if _is(kind, value):
+        return None
+    example = _DEFAULTS[name]
+    if example is None or not _is(kind, example):
+        example = {"int": 5, "float": 0.5, "str": "...", "bool": False}.get(kind, [])
+    shown = json.dumps(example)
+    return (
+        f"{name}={value!r} has the wrong type: expected {_EXPECTED.get(kind, kind)}"
+        f"{' or null/none' if optional else ''}, got {type(value).__name__}. Fix: write it like "
+        f"{name} = {shown}."
+    )
+
+
+def _check_device(device: str) -> None:
+    """A device that exists and holds data here, checked before any data is loaded."""
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(
+            f"device={device!r} is not a torch device. Fix: use 'cpu', 'cuda', 'cuda:1' or 'mps'."
+        ) from None
+    if dev.type == "meta":
+        raise ConfigError(
+            "device='meta' holds shapes only, no data: training and evaluation need a real "
+            "device. Fix: use 'cpu' or 'cuda'."
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={device!r} but this PyTorch sees no CUDA device (torch.cuda.is_available() "
+                f"is False: a CPU-only build, or no GPU/driver). Fix: use --device cpu."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) are "
+                f"visible (cuda:0..cuda:{torch.cuda.device_count() - 1})."
+            )
+        return
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device={device!r} but MPS is not available here. Fix: use 'cpu'.")
+        return
+    try:
+        torch.empty(1, device=dev)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"device={device!r} is not usable here ({first}). Fix: use 'cpu' or 'cuda'."
+        ) from None
+
+
+# conv-4's four 2x2 max-pools need at least 16 pixels a side.
+MIN_IMAGE_SIZE = 16
 
 
 def _check_int(name: str, v: object, lo: int) -> None:
@@ -219,7 +319,15 @@ def _check_float(name: str, v: object, lo: float, *, strict: bool = False) -> No
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Check every field; raise :class:`ConfigError` naming the field and the fix."""
+    """Check every field; raise :class:`ConfigError` naming the field and the fix.
+
+    Types first (a config file's ``cg_steps = "5"`` or ``tensorboard = "no"``), then ranges,
+    the device and the image size, all before any data is loaded.
+    """
+    for f in dataclasses.fields(TrainConfig):
+        problem = type_problem(f.name, getattr(cfg, f.name))
+        if problem:
+            raise ConfigError(problem)
     if cfg.task not in TASKS:
         raise ConfigError(f"task={cfg.task!r} is not known; choose one of {list(TASKS)}.")
     if cfg.nan_policy not in ("raise", "skip"):
@@ -229,9 +337,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"compile=True applies to the MAML family; algorithm={cfg.algorithm!r} runs its own "
             f"loop. Drop --compile."
         )
-    if not (cfg.imaml_lam > 0 and cfg.cg_steps >= 1):
+    if not (math.isfinite(cfg.imaml_lam) and cfg.imaml_lam > 0 and cfg.cg_steps >= 1):
         raise ConfigError(
-            f"imaml_lam={cfg.imaml_lam} must be > 0 and cg_steps={cfg.cg_steps} >= 1 (iMAML)."
+            f"imaml_lam={cfg.imaml_lam} must be a finite number > 0 and cg_steps={cfg.cg_steps} "
+            f">= 1 (iMAML)."
         )
     if cfg.algorithm not in ALGORITHMS:
         raise ConfigError(
@@ -269,4 +378,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("algorithm='reptile' needs inner_steps >= 1.")
     if cfg.task == "folder" and not cfg.data:
         raise ConfigError("task='folder' needs a data path: --data ROOT (ROOT/<class>/*.png).")
+    if len(cfg.split) != 3 or min(cfg.split) < 0 or not 0.99 < sum(cfg.split) < 1.01:
+        raise ConfigError(
+            f"split={cfg.split!r} must be three fractions TRAIN,VAL,TEST >= 0 summing to 1, "
+            f"e.g. [0.7, 0.1, 0.2]."
+        )
+    bad = [a for a in cfg.rotations if a % 90 != 0]
+    if not cfg.rotations or bad or len({a % 360 for a in cfg.rotations}) != len(cfg.rotations):
+        raise ConfigError(
+            f"rotations={cfg.rotations!r} must be distinct multiples of 90, e.g. [0] (none) or "
+            f"[0, 90, 180, 270]."
+        )
+    if cfg.task != "sinusoid" and cfg.image_size is not None and cfg.image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(
+            f"image_size={cfg.image_size} is too small for conv-4: its four 2x2 max-pools need "
+            f"images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}. Fix: --image-size "
+            f"{MIN_IMAGE_SIZE} or more (28 for Omniglot)."
+        )
+    _check_device(cfg.device)
     return cfg.replace(test_steps=sorted(set(cfg.test_steps)))

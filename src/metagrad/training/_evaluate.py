@@ -133,15 +133,17 @@ def format_table(result: EvalResult, paper: dict[str, Any] | None = None) -> str
     cls = result.metric == "accuracy"
     head = "query accuracy (95% CI)" if cls else "query MSE (95% CI)"
     lines = [
-        f"{result.tasks} tasks, {result.shots}-shot, {result.queries} queries"
-        + (" per class" if cls else ""),
+        f"{result.tasks} task{'s' if result.tasks != 1 else ''}, {result.shots}-shot, "
+        f"{result.queries} queries" + (" per class" if cls else ""),
         f"{'steps':>5}  {head:<26}" + ("  paper" if paper else ""),
     ]
+    few = result.tasks < 2  # one task has no spread: a CI of 0 would claim certainty
     for r in result.rows:
         if cls and r.accuracy is not None and r.accuracy_ci95 is not None:
-            cell = f"{100 * r.accuracy:6.2f}% +- {100 * r.accuracy_ci95:.2f}%"
+            ci = "n/a" if few else f"{100 * r.accuracy_ci95:.2f}%"
+            cell = f"{100 * r.accuracy:6.2f}% +- {ci}"
         else:
-            cell = f"{r.loss:8.4f} +- {r.loss_ci95:.4f}"
+            cell = f"{r.loss:8.4f} +- {'n/a' if few else f'{r.loss_ci95:.4f}'}"
         ref = ""
         if paper and r.steps in paper["values"]:
             v = paper["values"][r.steps]
@@ -151,4 +153,6 @@ def format_table(result: EvalResult, paper: dict[str, Any] | None = None) -> str
         if r.diverged:
             cell = f"diverged in {r.diverged}/{result.tasks} tasks"
         lines.append(f"{r.steps:>5}  {cell:<26}" + (f"  {ref}" if paper else ""))
+    if few:
+        lines.append("(95% CI n/a: it needs at least 2 tasks)")
     return "\n".join(line.rstrip() for line in lines)

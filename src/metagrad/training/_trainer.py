@@ -108,6 +108,28 @@ def prepare_output(
     return out
 
 
+def prepare_eval_output(output: str | os.PathLike[str]) -> Path:
+    """``metagrad eval --output``: a writable folder that is not a training run's own."""
+    out = Path(output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"--output {str(out)!r} is not writable ({err.strerror or err}). Fix: choose "
+            f"another --output folder."
+        ) from None
+    if (out / CHECKPOINT).exists() or (out / PREVIOUS).exists():
+        raise ConfigError(
+            f"--output {str(out)!r} holds a training run ({CHECKPOINT}); the evaluation would "
+            f"overwrite its results.json and plots. Fix: choose another folder, e.g. --output "
+            f"{out / 'eval'}."
+        )
+    clean_stale_temp_files(out)
+    return out
+
+
 def _check_tensorboard() -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
