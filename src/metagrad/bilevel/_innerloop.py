@@ -78,6 +78,9 @@ class _Bound:
     def __len__(self) -> int:
         return len(self._user)
 
+    def __bool__(self) -> bool:
+        return True  # a view is truthy whether or not its module has a length
+
     def __iter__(self) -> Iterator[Any]:
         for child in self._user:
             yield self._owner._wrap(child, lambda: None)
@@ -367,6 +370,10 @@ class FastModel:
         # Reached only for names FastModel does not define: look them up on the model.
         if name.startswith("__") or "_module" not in self.__dict__:
             raise AttributeError(name)
+        return self._lookup(name)
+
+    def _lookup(self, name: str) -> Any:
+        """The view of the model's attribute ``name`` (submodule, method, weight, value)."""
         tpl = self._caller.root
         return self._wrap(getattr(self._module, name), lambda: getattr(tpl, name))
 

@@ -1,0 +1,51 @@
+"""``higher.optim``: differentiable optimizers (see :mod:`metagrad.compat.higher._optim`)."""
+
+from __future__ import annotations
+
+from metagrad.compat.higher._optim import (
+    DifferentiableAdadelta,
+    DifferentiableAdagrad,
+    DifferentiableAdam,
+    DifferentiableAdamax,
+    DifferentiableAdamW,
+    DifferentiableASGD,
+    DifferentiableOptimizer,
+    DifferentiableRMSprop,
+    DifferentiableRprop,
+    DifferentiableSGD,
+    _get_mask_closure,
+    _GradCallbackType,
+    _GroupedGradsType,
+    _maybe_mask,
+    _OverrideType,
+    _StateType,
+    apply_trainable_opt_params,
+    create_diff_optim,
+    get_diff_optim,
+    get_trainable_opt_params,
+    register_optim,
+)
+
+__all__ = [
+    "DifferentiableASGD",
+    "DifferentiableAdadelta",
+    "DifferentiableAdagrad",
+    "DifferentiableAdam",
+    "DifferentiableAdamW",
+    "DifferentiableAdamax",
+    "DifferentiableOptimizer",
+    "DifferentiableRMSprop",
+    "DifferentiableRprop",
+    "DifferentiableSGD",
+    "_GradCallbackType",
+    "_GroupedGradsType",
+    "_OverrideType",
+    "_StateType",
+    "_get_mask_closure",
+    "_maybe_mask",
+    "apply_trainable_opt_params",
+    "create_diff_optim",
+    "get_diff_optim",
+    "get_trainable_opt_params",
+    "register_optim",
+]
