@@ -366,3 +366,35 @@ def test_standalone_diffoptimizer() -> None:
     torch.testing.assert_close(w["w"].detach(), ref.detach(), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="no weights to update"):
         opt.step((w["w"] ** 2).sum())
+
+
+def test_attention_layers_at_second_order() -> None:
+    # PyTorch's fused attention kernels have no double backward; the functional model runs
+    # attention on the math kernel while higher-order gradients are tracked.
+    from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model.eval()
+    x = torch.randn(3, 5, 8)
+    with innerloop(model, SGD(lr=0.1)) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(fmodel(x).pow(2).mean())
+        fmodel(x).pow(2).mean().backward()
+    w = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+    fast = dict(w)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            for _ in range(2):
+                loss = functional_call(model, fast, (x,)).pow(2).mean()
+                gs = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+                fast = {k: v - 0.1 * g for (k, v), g in zip(fast.items(), gs)}
+            ref = torch.autograd.grad(
+                functional_call(model, fast, (x,)).pow(2).mean(), list(w.values())
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, r, rtol=0, atol=1e-10)

@@ -829,3 +829,23 @@ def test_utils() -> None:
     # Root parameters first (c), then submodules depth-first; l3 repeats l2's indices.
     assert higher.utils._get_param_mapping(shared, [], []) == [0, 1, 2, 3, 4, 3, 4, 5, 6, 7]
     assert higher.utils._find_param_in_list(shared.b.weight, shared.parameters()) == 7
+
+
+def test_attention_layers_at_second_order() -> None:
+    # higher 0.2.1 fails here: PyTorch's fused CPU attention has no double backward.
+    model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model.eval()
+    x = torch.randn(3, 5, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(fmodel(x).pow(2).mean())
+        fmodel(x).pow(2).mean().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with mg.bilevel.innerloop(model, mg.optim.SGD(lr=0.1)) as (fmodel, diffopt):
+        for _ in range(2):
+            diffopt.step(fmodel(x).pow(2).mean())
+        fmodel(x).pow(2).mean().backward()
+    for g, p in zip(ours, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=0, atol=1e-12)

@@ -27,6 +27,11 @@ from torch.func import functional_call
 
 from metagrad._typing import Buffers, Params
 from metagrad.bilevel._diffopt import DiffOptimizer
+from metagrad.functional._attention import (
+    has_fused_attention,
+    higher_order_attention,
+    no_fused_inference,
+)
 from metagrad.functional._model import FunctionalModel
 from metagrad.optim._base import Optimizer
 from metagrad.optim._convert import from_torch
@@ -183,6 +188,7 @@ class FastModel:
         }
         self._buffer_keys = {"root." + n: b for n, b in self._buffers.items()}
         self._caller = _Call(template)
+        self._fused_attention = has_fused_attention(template)
         self._tpl_of = {id(u): t for u, t in fm._mode_pairs}
         self._param_name = {id(p): n for n, p in named}
         self._buffer_name = {id(b): n for n, b in module.named_buffers()}
@@ -343,6 +349,14 @@ class FastModel:
         p = self._history[self._index(None)] if params is None else params
         tensors = dict(zip(self._keys, (p[n] for n in self._names)))
         tensors.update(self._buffer_keys)
+        if self._track and torch.is_grad_enabled():
+            # This forward's backward may be differentiated again (a step with create_graph):
+            # attention on the math kernel, the fused ones have no double backward.
+            with higher_order_attention():
+                return functional_call(self._caller, tensors, (target, *args), kwargs)
+        if self._fused_attention:
+            with no_fused_inference():
+                return functional_call(self._caller, tensors, (target, *args), kwargs)
         return functional_call(self._caller, tensors, (target, *args), kwargs)
 
     def _wrap(self, user_attr: Any, tpl_getter: Any) -> Any:
