@@ -70,6 +70,8 @@ def _worker(rank: int, world: int, init: str, out_dir: str, T: int, mode: str) -
                 Path(out_dir, f"rank{rank}.err").write_text(str(err))
         elif mode in ("skip", "raise"):
             _nan_run(rank, out_dir, T, mode)
+        elif mode == "sigint":
+            _sigint_run(rank, out_dir, T)
         elif mode == "dead":
             if rank == 1:
                 os._exit(0)  # dies without taking part
@@ -121,6 +123,33 @@ def _nan_run(rank: int, out_dir: str, T: int, policy: str) -> None:
     state = {k: v.detach().clone() for k, v in t.learner.state_dict().items()}
     torch.save({"params": state, "skipped": t.skipped, "iteration": t.iteration},
                Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
+
+
+def _sigint_run(rank: int, out_dir: str, T: int) -> None:
+    """Ctrl-C on rank 1 only, while it samples its 3rd meta-batch."""
+    import signal
+
+    from metagrad.training import Trainer, preset
+
+    cfg = preset("sinusoid").replace(iterations=50, meta_batch=T, val_every=100, log_every=100,
+                                     checkpoint_every=100)  # fmt: skip
+    t = Trainer(cfg, Path(out_dir, "run"), progress=False, writer=rank == 0)
+    sampler, calls = t.samplers["train"], {"n": 0}
+    orig = sampler.sample
+
+    def sample(n: int):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        batch = orig(n)
+        if rank == 1 and calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return batch
+
+    sampler.sample = sample  # type: ignore[method-assign]
+    try:
+        t.train()
+    except KeyboardInterrupt:
+        state = {k: v.detach().clone() for k, v in t.learner.state_dict().items()}
+        torch.save({"params": state, "iteration": t.iteration}, Path(out_dir) / f"rank{rank}.pt")
 
 
 def _spawn(T: int, mode: str) -> Path:
@@ -192,3 +221,14 @@ def test_nan_raise_is_collective_both_ranks_name_the_task() -> None:
     for r in (0, 1):
         task, step, msg = (out / f"rank{r}.err").read_text().split(" ", 2)
         assert (task, step) == ("3", "0"), msg  # the task index in the whole meta-batch
+
+
+def test_ctrl_c_on_one_rank_stops_all_at_the_same_iteration() -> None:
+    out = _spawn(4, "sigint")
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["iteration"] == r1["iteration"] == 2  # iteration 3 was rolled back on both
+    for k, v in r0["params"].items():
+        assert torch.equal(v, r1["params"][k]), k
+    from metagrad.training import load_checkpoint
+
+    assert load_checkpoint(out / "run")["iteration"] == 2  # rank 0 saved that state

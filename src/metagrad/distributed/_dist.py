@@ -149,7 +149,9 @@ def check_same_config(config: dict[str, Any]) -> None:
         )
 
 
-def distributed_meta_loss(learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+def distributed_meta_loss(
+    learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, stop: bool = False
+) -> Tensor:
     """The full meta-batch's meta-loss, computed on this rank's shard and all-reduced.
 
     Call it with the *same* ``[T, ...]`` meta-batch on every rank. ``loss.backward()`` then puts
@@ -161,8 +163,14 @@ def distributed_meta_loss(learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq:
     rank comes first): every rank raises :class:`metagrad.NonFiniteError` naming the task index
     in the whole meta-batch and the inner step, so a skip or a stop is collective and the
     replicas never pair different iterations.
+
+    ``stop=True`` (this rank was asked to stop, e.g. by Ctrl-C) is agreed on in the same small
+    all-reduce: every rank then raises ``KeyboardInterrupt`` before any update, so all ranks
+    stop after the same iteration. Without a process group it raises at once.
     """
     if not is_distributed():
+        if stop:
+            raise KeyboardInterrupt
         return learner.meta_loss(xs, ys, xq, yq)
     if getattr(learner, "_stat_modules", ()):
         raise ValueError(
@@ -171,18 +179,18 @@ def distributed_meta_loss(learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq:
         )
     rank, world = dist.get_rank(), dist.get_world_size()
     T = int(xs.shape[0])
-    start, stop = shard_bounds(T, rank, world)
+    start, end = shard_bounds(T, rank, world)
     need_grad = torch.is_grad_enabled()
     failure: NonFiniteError | None = None
     res: Any = None
     try:
         res = learner.meta_result(
-            xs[start:stop], ys[start:stop], xq[start:stop], yq[start:stop], need_grad=need_grad
+            xs[start:end], ys[start:end], xq[start:end], yq[start:end], need_grad=need_grad
         )
     except NonFiniteError as err:  # agreed on with the other ranks first
         failure = err
-    _agree_finite(learner, failure, rank, world, start)
-    w = (stop - start) / T
+    _agree(learner, failure, stop, rank, world, start)
+    w = (end - start) / T
     dtype = res.loss.dtype
     keys = [k for k in sorted(res.grads) if res.grads[k] is not None]  # None: on every rank
     # closed-over tensors that reach the loss (engines that report them)
@@ -211,17 +219,20 @@ def distributed_meta_loss(learner: MAML, xs: Tensor, ys: Tensor, xq: Tensor, yq:
     return learner.attach(reduced)
 
 
-def _agree_finite(
-    learner: Any, failure: NonFiniteError | None, rank: int, world: int, start: int
+def _agree(
+    learner: Any, failure: NonFiniteError | None, stop: bool, rank: int, world: int, start: int
 ) -> None:
-    """Raise the same NonFiniteError on every rank if any rank's shard hit NaN/Inf."""
-    # [failed per rank | 1 + task index in the whole meta-batch | 1 + inner step] (0: none)
-    status = torch.zeros(3 * world, dtype=torch.int64)
+    """Raise the same error on every rank if any rank's shard hit NaN/Inf or asked to stop."""
+    # [failed per rank | 1 + task index in the whole meta-batch | 1 + inner step | stop]
+    status = torch.zeros(3 * world + 1, dtype=torch.int64)
     if failure is not None:
         status[rank] = 1
         status[world + rank] = 0 if failure.task is None else start + failure.task + 1
         status[2 * world + rank] = 0 if failure.step is None else failure.step + 1
-    _all_reduce(status, "agreeing on NaN/Inf across ranks")
+    status[3 * world] = int(stop)
+    _all_reduce(status, "agreeing on NaN/Inf and stop requests across ranks")
+    if int(status[3 * world]) > 0:
+        raise KeyboardInterrupt  # a rank was interrupted: all stop before this update
     failed = [r for r in range(world) if int(status[r]) > 0]
     if not failed:
         return

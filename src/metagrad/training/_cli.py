@@ -249,6 +249,11 @@ def _finish(
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``metagrad train``."""
+    from metagrad.rl._train import maybe_run_navigation  # the RL task has its own trainer
+
+    status = maybe_run_navigation(args)
+    if status is not None:
+        return status
     with _cli_logging("train"):
         return _run_train(args)
 
@@ -282,11 +287,12 @@ def _run_train(args: argparse.Namespace) -> int:
         try:
             trainer.train()
         except KeyboardInterrupt:
-            print(
-                f"metagrad train: interrupted at iteration {trainer.iteration}; checkpoint saved in "
-                f"{out}. Continue with --resume --output {out}.",
-                file=sys.stderr,
-            )
+            if rank == 0:  # the writer; the other ranks stopped at the same iteration
+                print(
+                    f"metagrad train: interrupted at iteration {trainer.iteration}; checkpoint "
+                    f"saved in {out}. Continue with --resume --output {out}.",
+                    file=sys.stderr,
+                )
             return 130
         if rank == 0:  # only rank 0 reports and writes
             _finish(trainer, out, "train", trainer.elapsed, plots=not args.no_plots)
@@ -357,13 +363,13 @@ def _write_trace(trainer: Trainer, out: Path | None, tasks: int, *, plots: bool)
             )
             written.append("trace.png")
         except ImportError as err:
-            print(f"metagrad eval: {err}", file=sys.stderr)
+            print(f"metagrad eval: note: trace.png skipped: {_one_line(err)}", file=sys.stderr)
     print(f"wrote {out / written[0]}" + (f", {written[1]}" if len(written) > 1 else ""))
 
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``metagrad train`` on ``subparsers``; sets ``handler``."""
-    names = sorted([*PRESETS, *ALIASES])
+    names = sorted([*PRESETS, *ALIASES, "navigation"])
     p = subparsers.add_parser(
         "train",
         help="meta-train a preset (sinusoid, omniglot, folder...) and evaluate it",
@@ -441,6 +447,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    from metagrad.rl._train import add_navigation_flags
+
+    add_navigation_flags(p)
     p.set_defaults(handler=run_train)
     return p  # type: ignore[no-any-return]
 

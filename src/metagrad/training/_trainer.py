@@ -31,7 +31,7 @@ import torch
 import metagrad
 from metagrad._errors import NonFiniteError, non_finite_error
 from metagrad.algorithms import MAML
-from metagrad.distributed import any_rank, distributed_meta_loss, is_distributed
+from metagrad.distributed import distributed_meta_loss, is_distributed
 from metagrad.training._build import (
     image_shape,
     load_splits,
@@ -540,7 +540,10 @@ class Trainer:
             try:
                 if isinstance(self.learner, MAML):
                     # Shards the meta-batch over ranks under torchrun; plain meta_loss otherwise.
-                    loss = distributed_meta_loss(self.learner, *batch)
+                    # A Ctrl-C on any rank is agreed on in its first all-reduce (stop=...).
+                    loss = distributed_meta_loss(
+                        self.learner, *batch, stop=self._sigint.requested and is_distributed()
+                    )
                 else:
                     loss = self.learner.meta_loss(*batch)
                 loss.backward()
@@ -748,7 +751,9 @@ class Trainer:
                 self._log(row, writer)
             if it % cfg.checkpoint_every == 0 and it < stop:
                 self.save()
-            if any_rank(self._sigint.requested):  # Ctrl-C: stop after this iteration
+            # Ctrl-C: stop after this iteration (under torchrun the ranks agree on it in the
+            # next step's first all-reduce, which raises KeyboardInterrupt on all of them).
+            if self._sigint.requested and not (is_distributed() and isinstance(self.learner, MAML)):
                 raise KeyboardInterrupt
 
     @classmethod
