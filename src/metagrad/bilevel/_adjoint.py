@@ -122,25 +122,32 @@ def _one_problem(
     stride = 1 if every is None else max(1, every)
     w: Params = {n: v.detach() for n, v in mp.w0.items()}
     state = optimizer.init(w)
-    stored: dict[int, tuple[Params, Any]] = {}
+    # Iterates live in blocks allocated once (one per leaf, all slots): stored copies made step
+    # by step would sit between the transient activations on the heap and pin it, which grew
+    # the peak by about an activation per step on wide models (glibc's dynamic mmap threshold).
+    kept = _Bank((w, state), K // stride + 2)
+    slot = {k: i for i, k in enumerate([*range(0, K, stride), K])}
     for k in range(K):
         if k % stride == 0:
-            stored[k] = (w, state)
+            kept.put(slot[k], (w, state))
         w, state = advance(w, state, k, fwd_checked)
-    stored[K] = (w, state)
-    segment: dict[int, tuple[Params, Any]] = {}
+    kept.put(slot[K], (w, state))
+    segment = _Bank((w, state), stride) if stride > 1 else None
+    in_segment: list[int] = []  # the steps the segment bank holds, in slot order
 
     def iterate(k: int) -> tuple[Params, Any]:
-        if k in stored:
-            return stored[k]
-        if k not in segment:
-            segment.clear()  # one segment at a time: O(K / every + every) copies
+        if k in slot:
+            return kept.get(slot[k])
+        assert segment is not None
+        if k not in in_segment:
+            in_segment.clear()  # one segment at a time: O(K / every + every) copies
             base = (k // stride) * stride
-            w_, s_ = stored[base]
+            w_, s_ = kept.get(slot[base])
             for j in range(base + 1, min(base + stride, K)):
                 w_, s_ = advance(w_, s_, j - 1, fwd)
-                segment[j] = (w_, s_)
-        return segment[k]
+                segment.put(len(in_segment), (w_, s_))
+                in_segment.append(j)
+        return segment.get(in_segment.index(k))
 
     def add_phi(gs: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(phi_idx, gs[: len(phi)]):
@@ -221,3 +228,35 @@ def _one_problem(
 
 def _det(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
+
+
+class _Bank:
+    """Storage for ``slots`` iterates ``(w, state)``: one preallocated block per tensor leaf."""
+
+    def __init__(self, like: tuple[Params, Any], slots: int) -> None:
+        leaves, self.spec = pytree.tree_flatten(like)
+        self.blocks = [
+            torch.empty((slots, *x.shape), dtype=x.dtype, device=x.device)
+            if isinstance(x, Tensor)
+            else None
+            for x in leaves
+        ]
+        self.consts: list[Any] = [None if isinstance(x, Tensor) else x for x in leaves]
+
+    def put(self, i: int, value: tuple[Params, Any]) -> None:
+        leaves, spec = pytree.tree_flatten(value)
+        if spec != self.spec:
+            raise RuntimeError(
+                "metagrad.bilevel: the optimizer state changed structure between inner steps; "
+                "the adjoint strategies need a fixed state layout (use strategy='unroll')."
+            )
+        for j, (block, x) in enumerate(zip(self.blocks, leaves)):
+            if block is not None:
+                block[i].copy_(x)
+            else:
+                self.consts[j] = x
+
+    def get(self, i: int) -> tuple[Params, Any]:
+        leaves = [c if b is None else b[i] for b, c in zip(self.blocks, self.consts)]
+        out: tuple[Params, Any] = pytree.tree_unflatten(leaves, self.spec)
+        return out
