@@ -118,6 +118,45 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(tmp_path: Pa
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
+def test_sigint_at_random_moments_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    """Ctrl-C through the real CLI; no periodic checkpoints, so only the SIGINT one counts."""
+    args = [*ARGS[:6], "--checkpoint-every", "1000", "--log-every", "1", *ARGS[8:]]
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "metagrad", *args, "--output", str(ref)], env=_env(),
+                   check=True, capture_output=True)  # fmt: skip
+    run, log = tmp_path / "interrupted", tmp_path / "interrupted" / "metrics.csv"
+    rng = random.Random(1)
+    stops = 0
+    for attempt in range(3):
+        size = log.stat().st_size if log.exists() else 0
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "metagrad", *args, "--output", str(run),
+             *(["--resume"] if attempt else [])],
+            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.time() + 60
+        while time.time() < deadline and (log.stat().st_size if log.exists() else 0) <= size:
+            time.sleep(0.01)  # this attempt has logged an iteration: it is in the loop
+        time.sleep(rng.uniform(0.0, 0.2))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate()
+        assert proc.returncode in (0, 130), err
+        if proc.returncode == 130:
+            stops += 1
+            assert "interrupted at iteration" in err and "--resume" in err
+        if load_checkpoint(run)["iteration"] == 60:
+            break
+    if load_checkpoint(run)["iteration"] < 60:
+        subprocess.run([sys.executable, "-m", "metagrad", *args, "--output", str(run), "--resume"],
+                       env=_env(), check=True, capture_output=True)  # fmt: skip
+    assert stops >= 1
+    a, b = _final(ref), _final(run)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def _poison_second_batch(trainer) -> None:  # type: ignore[no-untyped-def]
     sampler = trainer.samplers["train"]
     orig, calls = sampler.sample, {"n": 0}
