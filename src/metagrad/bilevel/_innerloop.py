@@ -180,14 +180,26 @@ class FastModel:
         named = list(module.named_parameters())
         self._names = [n for n, _ in named]
         self._name_set = frozenset(self._names)
-        self._keys = ["root." + n for n in self._names]
         self.trainable = list(fm.trainable)
         kept = set(fm.buffer_names)
         self._buffers: Buffers = {
             n: _to(b.detach(), device).clone() for n, b in module.named_buffers() if n in kept
         }
-        self._buffer_keys = {"root." + n: b for n, b in self._buffers.items()}
         self._caller = _Call(template)
+        # Every attribute slot of the template (a shared tensor has several) and the name whose
+        # value fills it: functional_call then needs no per-call search for tied weights.
+        tpl_params = {id(t): n for n, t in template.named_parameters()}
+        self._slots = [
+            ("root." + k, tpl_params[id(t)])
+            for k, t in template.named_parameters(remove_duplicate=False)
+        ]
+        tpl_buffers = {id(t): n for n, t in template.named_buffers()}
+        self._buffer_slots = [
+            ("root." + k, tpl_buffers[id(t)])
+            for k, t in template.named_buffers(remove_duplicate=False)
+            if tpl_buffers[id(t)] in self._buffers
+        ]
+        self._refresh_buffer_keys()
         self._fused_attention = has_fused_attention(template)
         self._tpl_of = {id(u): t for u, t in fm._mode_pairs}
         self._param_name = {id(p): n for n, p in named}
@@ -247,6 +259,9 @@ class FastModel:
     def buffers(self) -> Buffers:
         """This view's own buffers (copies of the module's, taken at construction)."""
         return dict(self._buffers)
+
+    def _refresh_buffer_keys(self) -> None:
+        self._buffer_keys = {slot: self._buffers[n] for slot, n in self._buffer_slots}
 
     def update_params(self, params: ParamsLike) -> None:
         """Record ``params`` as the latest fast weights (a dict, or a list in name order)."""
@@ -347,17 +362,21 @@ class FastModel:
         self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any], params: Params | None
     ) -> Any:
         p = self._history[self._index(None)] if params is None else params
-        tensors = dict(zip(self._keys, (p[n] for n in self._names)))
+        tensors = {slot: p[n] for slot, n in self._slots}
         tensors.update(self._buffer_keys)
         if self._track and torch.is_grad_enabled():
             # This forward's backward may be differentiated again (a step with create_graph):
             # attention on the math kernel, the fused ones have no double backward.
             with higher_order_attention():
-                return functional_call(self._caller, tensors, (target, *args), kwargs)
+                return functional_call(
+                    self._caller, tensors, (target, *args), kwargs, tie_weights=False
+                )
         if self._fused_attention:
             with no_fused_inference():
-                return functional_call(self._caller, tensors, (target, *args), kwargs)
-        return functional_call(self._caller, tensors, (target, *args), kwargs)
+                return functional_call(
+                    self._caller, tensors, (target, *args), kwargs, tie_weights=False
+                )
+        return functional_call(self._caller, tensors, (target, *args), kwargs, tie_weights=False)
 
     def _wrap(self, user_attr: Any, tpl_getter: Any) -> Any:
         """What the view of ``user_attr`` (an attribute of the user's model) is."""

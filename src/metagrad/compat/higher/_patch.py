@@ -53,7 +53,7 @@ class _HigherFast(FastModel):
         for n in self._buffers:
             b = source[n].detach()
             self._buffers[n] = (b if device is None else b.to(device)).clone()
-        self._buffer_keys = {"root." + n: b for n, b in self._buffers.items()}
+        self._refresh_buffer_keys()
 
 
 class FunctionalModule:
