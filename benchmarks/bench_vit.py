@@ -13,8 +13,8 @@ The workload of ``metagrad train omniglot --model vit``: ``metagrad.models.vit()
 * ``first_order``: metagrad at ``order=1`` (fast kernels everywhere), for scale.
 
 Both exact variants compute the same meta-gradient (checked here to 1e-5 relative in float32).
-Reports the median of ``--repeats`` meta-steps after 2 warm-up steps; the ratio is
-metagrad / plain. Set ``OMP_NUM_THREADS`` before running to fix the thread count.
+Reports the median of ``--repeats`` meta-steps per variant (interleaved round-robin after 2
+warm-up rounds); the ratio is metagrad / plain. Set ``OMP_NUM_THREADS`` before running to fix the thread count.
 
 Usage::
 
@@ -65,15 +65,17 @@ def plain_meta_grad(
     return total
 
 
-def _median_ms(fn: object, repeats: int) -> float:
-    for _ in range(2):
-        fn()  # type: ignore[operator]
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _interleaved_ms(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    """Median ms per call of each function, calls interleaved round-robin (so a busy machine
+    slows every variant alike), after 2 warm-up rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + 2):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()  # type: ignore[operator]
+            if r >= 2:
+                times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -102,11 +104,14 @@ def main() -> None:
         for p, g in zip(model.parameters(), plain_meta_grad(model, tasks, lr)):
             p.grad = g
 
-    ms = {
-        "metagrad": _median_ms(lambda: step(second), args.repeats),
-        "plain": _median_ms(plain_step, args.repeats),
-        "first_order": _median_ms(lambda: step(first), args.repeats),
-    }
+    ms = _interleaved_ms(
+        {
+            "metagrad": lambda: step(second),
+            "plain": plain_step,
+            "first_order": lambda: step(first),
+        },
+        args.repeats,
+    )
     threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
     print(
         f"ViT {sum(p.numel() for p in model.parameters())} params, meta-batch "
