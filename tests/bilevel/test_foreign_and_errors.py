@@ -162,8 +162,12 @@ def _lin() -> tuple[bilevel.Problem, dict[str, Tensor], tuple[Tensor, Tensor]]:
 
 def test_non_scalar_objectives_are_named() -> None:
     _, w0, b = _lin()
-    pb = bilevel.Problem(lambda w, h, b: b[0] @ w["w"], lambda w, h, b: w["w"].sum(), optim.SGD(), 1)
-    with pytest.raises(ValueError, match=r"inner objective must return a scalar tensor.*got \(6,\)"):
+    pb = bilevel.Problem(
+        lambda w, h, b: b[0] @ w["w"], lambda w, h, b: w["w"].sum(), optim.SGD(), 1
+    )
+    with pytest.raises(
+        ValueError, match=r"inner objective must return a scalar tensor.*got \(6,\)"
+    ):
         bilevel.hypergrad(pb, w0, None, b, b)
     pb = bilevel.Problem(lambda w, h, b: w["w"].sum(), lambda w, h, b: 1.0, optim.SGD(), 1)
     with pytest.raises(ValueError, match=r"outer objective must return a scalar tensor.*float"):
@@ -233,8 +237,14 @@ def test_bad_problem_and_call_arguments() -> None:
         bilevel.hypergrad(pb, w0, None, (b[0][None], b[1]), b, batched=True)
     with pytest.raises(ValueError, match="compile=True needs cache"):
         bilevel.hypergrad(
-            pb, w0, h, (b[0][None], b[1][None]), (b[0][None], b[1][None]),
-            strategy="vmap", batched=True, compile="aot_eager",
+            pb,
+            w0,
+            h,
+            (b[0][None], b[1][None]),
+            (b[0][None], b[1][None]),
+            strategy="vmap",
+            batched=True,
+            compile="aot_eager",
         )
     with pytest.raises(ValueError, match="PerStep holds 1 batches but step 1"):
         bilevel.hypergrad(pb, w0, h, bilevel.PerStep([b]), b)
@@ -253,7 +263,10 @@ def test_old_inner_optimizers_are_deprecated_and_translated() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)  # type: ignore[arg-type]
     a = mg.MAML(model, F.mse_loss, 0.1, 2, inner_optimizer=old_adam).meta_grad(*tasks)
     b = mg.MAML(
-        model, F.mse_loss, 0.1, 2,
+        model,
+        F.mse_loss,
+        0.1,
+        2,
         inner_optimizer=optim.Adam(betas=(0.8, 0.99), eps=0.0, eps_root=1e-6),
     ).meta_grad(*tasks)
     assert all(torch.equal(a[k], b[k]) for k in a)  # type: ignore[arg-type]

@@ -26,7 +26,16 @@ from metagrad.functional._checks import check_task, check_tasks
 from metagrad.functional._model import FunctionalModel, dtype_device
 
 
-def check_lr(fn_name: str, inner_lr: float) -> float:
+def check_lr(fn_name: str, inner_lr: object) -> float:
+    """A finite inner learning rate >= 0 (a Python number or a 0-d tensor without grad)."""
+    if isinstance(inner_lr, Tensor) and inner_lr.numel() == 1:
+        if inner_lr.requires_grad:
+            raise ValueError(
+                f"{fn_name}: inner_lr is a tensor that requires grad; to meta-learn the inner "
+                f"rate use learn_inner_lr='per_param' (Meta-SGD) or 'per_step' (MAML++), which "
+                f"start from this value: pass inner_lr={float(inner_lr.detach())}."
+            )
+        inner_lr = float(inner_lr)
     if (
         isinstance(inner_lr, bool)
         or not isinstance(inner_lr, (int, float))

@@ -104,6 +104,7 @@ class TaskLoss:
             recorder=self.recorder,
             step=step,
         )
+        _check_broadcast(self.fn_name, pred, y)
         out = self.loss_fn(pred, y)
         if not isinstance(out, Tensor) or out.dim() != 0:
             # Autograd's "grad can be implicitly created only for scalar outputs" does not say
@@ -114,6 +115,27 @@ class TaskLoss:
                 f"task's examples), got {got}. Reduce it, e.g. reduction='mean' or .mean()."
             )
         return out
+
+
+def _check_broadcast(fn_name: str, pred: Tensor, y: Tensor) -> None:
+    """A float target that broadcasts against the output into a larger shape is a mistake.
+
+    ``mse_loss`` of an output ``[K, 1]`` against a target ``[K]`` averages a ``K x K`` matrix
+    of every pairing (torch only warns). Static shapes: cheap, and valid under ``vmap``.
+    """
+    if not (isinstance(pred, Tensor) and y.is_floating_point()) or pred.shape == y.shape:
+        return
+    try:
+        both = torch.broadcast_shapes(pred.shape, y.shape)
+    except RuntimeError:
+        return  # not broadcastable: the loss function raises its own error
+    if both != pred.shape and both != y.shape:
+        raise ValueError(
+            f"{fn_name}: the model's output has per-task shape {tuple(pred.shape)} but the "
+            f"targets {tuple(y.shape)}; they broadcast to {tuple(both)}, so the loss would pair "
+            f"every output with every target. Give targets the output's shape (e.g. "
+            f"ys.unsqueeze(-1)) or reshape the output."
+        )
 
 
 @dataclass(frozen=True)
@@ -254,14 +276,11 @@ def meta_gradient(
             compile=compile,
             cache=cache,
         )
-    except (IndexError, RuntimeError) as err:  # cross_entropy's "Target 7 is out of bounds"
-        if isinstance(err, RuntimeError) and "out of bounds" not in str(err):
-            raise  # (under vmap the same mistake surfaces as a RuntimeError)
-        raise ValueError(
-            f"{spec.fn_name}: loss_fn raised {type(err).__name__} ({str(err).splitlines()[0]}). "
-            f"For classification the targets ys/yq must be integer labels in [0, number of "
-            f"classes) of the model's output; remap each task's labels to 0..N-1."
-        ) from err
+    except (IndexError, RuntimeError) as err:
+        better = explain_task_error(spec.fn_name, err, objective, theta, tasks)
+        if better is None:
+            raise
+        raise better from err
     names = extra_names or {}
     grads: dict[str, Tensor | None] = {}
     if need_grad:
@@ -275,6 +294,60 @@ def meta_gradient(
     hyper = spec.optimizer.hyperparams()
     opt_pairs = [(hyper[k], gk) for k, gk in res.grads.opt.items() if gk is not None]
     return MetaResult(res.value, grads, res.per_problem, [*res.foreign, *opt_pairs])
+
+
+def explain_task_error(
+    fn_name: str,
+    err: BaseException,
+    objective: TaskLoss,
+    theta: Params,
+    tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+) -> Exception | None:
+    """A clear error for the common data/model mismatches PyTorch reports in its own terms.
+
+    Label ranges are checked against the model's real output (one forward pass of one example,
+    run only after a failure), so an index error inside the user's model keeps its own message.
+    """
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    xs, ys, _, yq = tasks
+    if "shapes cannot be multiplied" in msg:
+        return ValueError(
+            f"{fn_name}: the model cannot take the inputs: per-example input shape "
+            f"{tuple(xs.shape[2:])} ({msg}). Check that the data's feature size matches the "
+            f"model's first layer."
+        )
+    if "must have the same dtype" in msg and not xs.is_floating_point():
+        return TypeError(
+            f"{fn_name}: xs/xq have dtype {xs.dtype} but the model computes in floating point "
+            f"({msg}); cast the inputs with xs.float() (or .to(model dtype))."
+        )
+    if "expected target dtype to be Long" in msg or "expected scalar type Long" in msg:
+        return TypeError(
+            f"{fn_name}: loss_fn needs integer class labels but ys/yq have dtype {ys.dtype} "
+            f"({msg}); pass labels as ys.long()."
+        )
+    if "numpy()" in msg and "requires grad" in msg:
+        return RuntimeError(
+            f"{fn_name}: the model or loss_fn converts a tensor to numpy, which autograd cannot "
+            f"differentiate through ({msg}). Write that computation with torch operations."
+        )
+    if isinstance(err, IndexError) or "out of bounds" in msg:
+        if ys.is_floating_point():
+            return None
+        with torch.no_grad():
+            p = {k: v.detach() for k, v in theta.items()}
+            out = objective.fm.forward(p, objective.fm.buffers(), xs[0][:1])
+        classes = int(out.shape[-1])
+        labels = torch.cat([ys.flatten(), yq.flatten()])
+        labels = labels[labels != -100]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            return ValueError(
+                f"{fn_name}: loss_fn raised {type(err).__name__} ({msg}): the labels range over "
+                f"[{int(labels.min())}, {int(labels.max())}] but the model outputs {classes} "
+                f"classes. Targets ys/yq must be integer labels in [0, number of classes) = "
+                f"[0, {classes}); remap each task's labels to 0..N-1."
+            )
+    return None
 
 
 def resolve_strategy(

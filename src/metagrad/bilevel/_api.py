@@ -21,6 +21,7 @@ All but ``truncated`` and ``implicit`` are exact and agree to rounding.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,8 @@ from metagrad.bilevel._tree import Flat, all_finite, index
 from metagrad.bilevel._unroll import unroll
 from metagrad.bilevel._vmap import Cache, ForeignUnderVmap, check_reaches_inner, vmapped
 from metagrad.functional._locate import NodeRecord, probe_records
+
+_log = logging.getLogger("metagrad")
 
 STRATEGIES = (
     "auto",
@@ -155,47 +158,33 @@ def hypergrad(
             f"strategy is {chosen!r}); use compile=False."
         )
     flat = Flat(mp, need_grad)
+    sig = dataclasses.replace(problem, outer_weights=None)  # annealed weights change per call
+    if chosen == "vmap" and strategy == "auto" and cache is not None:
+        if ("no-vmap", sig) in cache.checked:
+            chosen = "unroll"  # an earlier call found this problem cannot be vmapped
     if chosen == "vmap":
-        # Annealed outer weights change every call; they do not change which parameters reach.
-        key = ("reach", dataclasses.replace(problem, outer_weights=None))
+        key = ("reach", sig)
         if cache is None or key not in cache.checked:
             check_reaches_inner(problem, mp, inner_data, batched)
             if cache is not None:
                 cache.checked.add(key)
+    args = (flat, mp, inner_data, outer_data, batched, need_grad)
     with _explain_autograd_errors(problem, chosen, _locator(problem, mp, inner_data, batched)):
         try:
             res = _checked(
-                problem,
-                chosen,
-                flat,
-                mp,
-                inner_data,
-                outer_data,
-                batched,
-                need_grad,
-                truncate,
-                implicit_options or ImplicitOptions(),
-                compile,
-                cache,
-            )
-        except ForeignUnderVmap:
-            if strategy != "auto":
+                problem, chosen, *args, truncate, implicit_options or ImplicitOptions(),
+                compile, cache,
+            )  # fmt: skip
+        except (ForeignUnderVmap, RuntimeError) as err:
+            if strategy != "auto" or chosen != "vmap":
                 raise
-            # A closed-over tensor needs the autograd graph: the unrolled loop delivers it.
-            res = _checked(
-                problem,
-                "unroll",
-                flat,
-                mp,
-                inner_data,
-                outer_data,
-                batched,
-                need_grad,
-                None,
-                ImplicitOptions(),
-                False,
-                cache,
-            )
+            # The unrolled loop handles what vmap cannot: closed-over tensors (it finds and
+            # differentiates them), .item() and data-dependent control flow, numpy calls. Its
+            # own error, if any, is the one to report.
+            if cache is not None and not isinstance(err, ForeignUnderVmap):
+                cache.checked.add(("no-vmap", sig))
+            _log.info("%s: vmap failed (%s); using the unrolled loop", fn, str(err)[:200])
+            res = _checked(problem, "unroll", *args, None, ImplicitOptions(), False, cache)
     if need_grad and not problem.allow_unused_hyper:
         _check_hyper_used(problem, flat, res, mp, inner_data, outer_data, batched)
     return res

@@ -179,6 +179,12 @@ def check_meta_gradient(
         )
     if directions < 1:
         raise ValueError(f"metagrad.check_meta_gradient: directions={directions} must be >= 1.")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf:
+        raise ValueError(
+            f"metagrad.check_meta_gradient: step={step!r} must be a finite number > 0 (the "
+            f"central-difference step h, e.g. 1e-5); with h = 0 every difference is 0 and the "
+            f"check would compare nothing."
+        )
     ln = copy.deepcopy(learner).double().train()
     ln.check_finite = True
 

@@ -37,6 +37,21 @@ def check_tasks(
         for n, t in {"xs": xs, "ys": ys, "xq": xq, "yq": yq}.items()
     }
     counts = {n: t.shape[0] for n, t in ts.items()}
+    if counts["xs"] == 0:
+        raise ValueError(
+            f"{fn_name}: the meta-batch has 0 tasks (xs.shape={tuple(ts['xs'].shape)}); give at "
+            f"least one task along the first dimension."
+        )
+    for n in ("xs", "xq"):
+        t = ts[n]
+        if t.dim() == 2 and t.is_floating_point():
+            # [K, F] for one task reads as K tasks of one scalar example: say so before it runs.
+            raise ValueError(
+                f"{fn_name}: {n} has shape {tuple(t.shape)}, read as [tasks, examples] of scalar "
+                f"examples. For one task of {t.shape[0]} examples with {t.shape[1]} feature(s) "
+                f"add the task dimension: {n}.unsqueeze(0); for scalar inputs give "
+                f"[tasks, examples, 1]."
+            )
     if len(set(counts.values())) != 1:
         raise ValueError(
             f"{fn_name}: the leading (task) dimensions differ: {counts}; every tensor needs the "
@@ -64,7 +79,27 @@ def check_tasks(
         )
     for name, t in ts.items():
         _check_dtype_device(fn_name, name, t, dtype, device)
+    for name in ("ys", "yq"):
+        _check_not_all_ignored(fn_name, name, ts[name])
     return ts["xs"], ts["ys"], ts["xq"], ts["yq"]
+
+
+IGNORE_INDEX = -100
+"""``F.cross_entropy``'s default ``ignore_index``."""
+
+
+def _check_not_all_ignored(fn_name: str, name: str, y: Tensor) -> None:
+    """A task whose every label is ``ignore_index`` has a 0/0 = NaN mean cross-entropy."""
+    if y.is_floating_point() or y.dtype == torch.bool or y.dim() < 2:
+        return
+    ignored = (y == IGNORE_INDEX).flatten(1).all(dim=1)
+    if bool(ignored.any()):
+        bad = ignored.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{fn_name}: every label of {name} is {IGNORE_INDEX} (cross_entropy's ignore_index) "
+            f"in task(s) {bad[:8]}, so their mean loss is 0/0 = NaN. Give each task at least one "
+            f"real label, or drop those tasks."
+        )
 
 
 def _check_dtype_device(
