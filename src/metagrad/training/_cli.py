@@ -303,6 +303,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``metagrad eval``."""
+    from metagrad.rl._train import maybe_eval_navigation  # the RL task has its own evaluation
+
+    status = maybe_eval_navigation(args)
+    if status is not None:
+        return status
     with _cli_logging("eval"):
         return _run_eval(args)
 
