@@ -136,3 +136,20 @@ def test_inner_lr_as_a_tensor() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"learn_inner_lr='per_param'.*inner_lr=0\.1"):
         mg.MAML(model, F.mse_loss, torch.tensor(0.1, requires_grad=True), 1)  # type: ignore[arg-type]
+
+
+def test_in_place_op_is_explained_under_the_default_strategy() -> None:
+    class InPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            y = torch.sigmoid(self.a(x))
+            y.mul_(2)  # sigmoid's backward needs its output: breaks (double) backward
+            return self.b(y)
+
+    x, y = _x(), torch.randn(T, K, 1)
+    for strategy in ("auto", "loop", "hvp_chain"):
+        with pytest.raises(RuntimeError, match="modifies a tensor in place"):
+            _mse_learner(InPlace(), strategy=strategy).meta_loss(x, y, x, y)

@@ -162,15 +162,15 @@ def hypergrad(
     if chosen == "vmap" and strategy == "auto" and cache is not None:
         if ("no-vmap", sig) in cache.checked:
             chosen = "unroll"  # an earlier call found this problem cannot be vmapped
-    if chosen == "vmap":
-        key = ("reach", sig)
-        if cache is None or key not in cache.checked:
-            check_reaches_inner(problem, mp, inner_data, batched)
-            if cache is not None:
-                cache.checked.add(key)
     args = (flat, mp, inner_data, outer_data, batched, need_grad)
     with _explain_autograd_errors(problem, chosen, _locator(problem, mp, inner_data, batched)):
         try:
+            if chosen == "vmap":
+                key = ("reach", sig)
+                if cache is None or key not in cache.checked:
+                    check_reaches_inner(problem, mp, inner_data, batched)
+                    if cache is not None:
+                        cache.checked.add(key)
             res = _checked(
                 problem, chosen, *args, truncate, implicit_options or ImplicitOptions(),
                 compile, cache,
