@@ -11,7 +11,8 @@
   the policy-gradient step), :func:`trpo_functions` and :func:`trpo_step` (Fisher-vector
   products by :func:`metagrad.hvp`, solved by :func:`metagrad.bilevel.cg`).
 
-``metagrad train navigation`` runs the paper's experiment (``metagrad.rl._train``).
+``metagrad train navigation`` runs the paper's experiment (``metagrad.rl._train``, its CLI in
+``metagrad.rl._cli``).
 """
 
 from __future__ import annotations

@@ -249,7 +249,7 @@ def _finish(
 
 def run_train(args: argparse.Namespace) -> int:
     """Handler of ``metagrad train``."""
-    from metagrad.rl._train import maybe_run_navigation  # the RL task has its own trainer
+    from metagrad.rl._cli import maybe_run_navigation  # the RL task has its own trainer
 
     status = maybe_run_navigation(args)
     if status is not None:
@@ -303,7 +303,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Handler of ``metagrad eval``."""
-    from metagrad.rl._train import maybe_eval_navigation  # the RL task has its own evaluation
+    from metagrad.rl._cli import maybe_eval_navigation  # the RL task has its own evaluation
 
     status = maybe_eval_navigation(args)
     if status is not None:
@@ -452,7 +452,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    from metagrad.rl._train import add_navigation_flags
+    from metagrad.rl._cli import add_navigation_flags
 
     add_navigation_flags(p)
     p.set_defaults(handler=run_train)
