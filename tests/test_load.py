@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mg_image_fixtures import make_image_folder
 from torch import nn
 
 import metagrad
 from metagrad.cli import main
 from metagrad.tasks import SinusoidTasks
 from metagrad.training import CheckpointError, Trainer, evaluate, load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tasks"))
-from mg_image_fixtures import make_image_folder
 
 TINY = ["--iterations", "3", "--meta-batch", "2", "--eval-tasks", "2", "--val-every", "2",
         "--val-tasks", "2", "--test-steps", "0,1", "--no-progress", "--no-plots"]  # fmt: skip

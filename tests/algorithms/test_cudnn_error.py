@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import RefConfig, reference_meta_grad
 from torch import nn
 
 import metagrad as mg
@@ -52,5 +53,14 @@ def test_cudnn_double_backward_error_is_explained(strategy: str) -> None:
 
 
 def test_first_order_needs_no_double_backward() -> None:
-    learner = mg.MAML(FakeCudnnNet(), F.mse_loss, 0.1, 1, order=1, strategy="loop")
-    learner.meta_loss(*_tasks()).backward()
+    learner = mg.MAML(FakeCudnnNet().double(), F.mse_loss, 0.1, 1, order=1, strategy="loop")
+    tasks = tuple(t.double() for t in _tasks())
+    loss = learner.meta_loss(*tasks)
+    loss.backward()
+    want_loss, want = reference_meta_grad(
+        learner, F.mse_loss, RefConfig(inner_lr=0.1, steps=1, order=1), *tasks
+    )
+    assert torch.allclose(loss.detach(), want_loss, rtol=1e-10, atol=1e-12)
+    for name, p in learner.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert torch.allclose(p.grad, want[name], rtol=1e-10, atol=1e-12), name

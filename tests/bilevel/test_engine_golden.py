@@ -8,14 +8,12 @@ checkpoint; first order, Meta-SGD, LSLR + multi-step loss, Adam, momentum, ANIL,
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "algorithms"))
 
 from meta_helpers import LOSSES, MODELS, rel_err  # noqa: E402
 

@@ -65,7 +65,15 @@ def test_frozen_parameters_are_constants() -> None:
     x = torch.randn(3, 1, dtype=torch.float64)
     out = fm.forward(fm.params(), fm.buffers(), x)
     assert torch.equal(out, model(x))
-    assert torch.autograd.grad(out.sum(), fm.params()["2.weight"]) is not None
+    params = fm.params()
+    out = fm.forward(params, fm.buffers(), x)
+    (got,) = torch.autograd.grad(out.sum(), params["2.weight"])
+    # d sum(W4 tanh(W2 h1 + b2) + b4) / dW2 = ((1 - tanh(z2)^2) * W4)^T h1, by hand
+    with torch.no_grad():
+        h1 = torch.tanh(x @ model[0].weight.T + model[0].bias)
+        z2 = h1 @ model[2].weight.T + model[2].bias
+        want = ((1 - torch.tanh(z2) ** 2) * model[4].weight).T @ h1
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_buffers_are_clones() -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from mg_image_fixtures import make_omniglot_zips
 
 import metagrad as mg
 from metagrad.models import ViT, vit
@@ -16,12 +16,6 @@ from metagrad.training import preset
 from metagrad.training._build import make_model
 from metagrad.training._cli import add_train_parser
 from metagrad.training._config import ConfigError, validate
-
-_TASKS = str(Path(__file__).resolve().parents[1] / "tasks")
-if _TASKS not in sys.path:
-    sys.path.insert(0, _TASKS)
-
-from mg_image_fixtures import make_omniglot_zips  # noqa: E402
 
 
 def test_vit_shapes_and_defaults() -> None:

@@ -79,15 +79,13 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import struct  # noqa: E402
-import sys  # noqa: E402
 from typing import Any  # noqa: E402
+
+from mg_image_fixtures import make_image_folder, make_omniglot_zips  # noqa: E402
 
 from metagrad.cli import main  # noqa: E402
 from metagrad.training import TrainConfig  # noqa: E402
 from metagrad.training._checkpoint import save_checkpoint  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from mg_image_fixtures import make_image_folder, make_omniglot_zips  # noqa: E402
 
 # A wrong-typed value of each kind, as a JSON/TOML config file would hold it.
 WRONG = {"bool": ["no", 1], "int": ["5", 1.5, True], "float": ["x", True], "str": [5, ["a"]],

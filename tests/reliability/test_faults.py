@@ -14,12 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from mg_image_fixtures import omniglot_members
 
 from metagrad.tasks._omniglot import read_omniglot_files
 from metagrad.training._checkpoint import CheckpointError, load_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
-from mg_image_fixtures import omniglot_members
 
 
 class _Evil:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from metagrad._argtypes import finite_float, xy_pair
@@ -35,8 +35,7 @@ def _classes(n: int, per: int) -> ImageClasses:
 def test_sampler_properties(
     n_classes: int, n_way: int, k: int, q: int, tasks: int, seed: int
 ) -> None:
-    if n_way > n_classes:
-        return
+    assume(n_way <= n_classes)
     data = _classes(n_classes, k + q + 1)
     xs, ys, xq, yq = FewShotTasks(data, n_way, k, q, seed=seed).sample(tasks)
     assert ys.min() >= 0 and ys.max() < n_way and yq.min() >= 0 and yq.max() < n_way
@@ -56,8 +55,8 @@ def test_sampler_properties(
     value=st.one_of(st.integers(-5, 0), st.floats(allow_nan=True, allow_infinity=True).filter(lambda v: not v > 0)),
 )  # fmt: skip
 def test_config_rejects_non_positive_values(field: str, value: float) -> None:
-    if field in ("inner_steps", "inner_lr") and value == 0:
-        return  # zero inner steps / step size are valid (degenerate: no adaptation)
+    # zero inner steps / step size are valid (degenerate: no adaptation)
+    assume(not (field in ("inner_steps", "inner_lr") and value == 0))
     with pytest.raises(ConfigError):
         validate(preset("sinusoid").replace(**{field: value}))
 
@@ -82,8 +81,7 @@ def test_cli_bad_numbers_are_usage_errors(text: str) -> None:
         ok = value == value and abs(value) != float("inf")
     except ValueError:
         ok = False
-    if ok:
-        return
+    assume(not ok)
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["explain", f"--w0={text}"])
     assert exc.value.code == 2

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from mg_image_fixtures import make_image_folder, make_omniglot_zips  # noqa: E402
+from mg_image_fixtures import make_image_folder, make_omniglot_zips
 
 
 @pytest.fixture

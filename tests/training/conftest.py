@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from mg_image_fixtures import make_image_folder, make_omniglot_zips
 
-_TASKS = str(Path(__file__).resolve().parents[1] / "tasks")
-if _TASKS not in sys.path:
-    sys.path.insert(0, _TASKS)
+from metagrad.training import TrainConfig, preset
 
-from mg_image_fixtures import make_image_folder, make_omniglot_zips  # noqa: E402
 
-from metagrad.training import TrainConfig, preset  # noqa: E402
-
-torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> Iterator[None]:
+    """The training tests run on one thread (small tensors; less contention), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
