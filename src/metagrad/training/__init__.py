@@ -3,7 +3,7 @@
 * :class:`TrainConfig`, :func:`preset` (``sinusoid``, ``sinusoid-quick``, ``omniglot-5w1s``,
   ``omniglot-20w1s``, ``folder``), :func:`read_config_file`.
 * :class:`Trainer`: Adam meta-optimizer, cosine schedule, clipping, validation, ``metrics.csv``,
-  atomic checkpoints with exact resume; :meth:`Trainer.from_checkpoint` for evaluation.
+  atomic checkpoints with exact resume; :class:`Callback` hooks for experiment trackers; :meth:`Trainer.from_checkpoint` for evaluation.
 * :func:`evaluate` / :func:`mean_ci95`: mean and 95% CI over test tasks after 0..N steps.
 * :func:`plot_sinusoid_fits`, :func:`plot_learning_curves` (need ``metagrad[viz]``).
 
@@ -12,6 +12,7 @@ The CLI glue (``metagrad train`` / ``metagrad eval``) is in ``metagrad.training.
 
 from __future__ import annotations
 
+from metagrad.training._callbacks import Callback
 from metagrad.training._checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from metagrad.training._config import (
     ALGORITHMS,
@@ -30,6 +31,7 @@ __all__ = [
     "ALGORITHMS",
     "PAPER",
     "PRESETS",
+    "Callback",
     "CheckpointError",
     "ConfigError",
     "EvalResult",

@@ -68,6 +68,7 @@ class TrainConfig:
     # bookkeeping
     val_every: int = 1000
     val_tasks: int = 100
+    val_steps: int | None = None  # inner steps of validation (None: inner_steps, as trained)
     eval_tasks: int = 600
     log_every: int = 100
     checkpoint_every: int = 1000
@@ -85,6 +86,15 @@ class TrainConfig:
     def eval_steps(self) -> int:
         """Inner steps used by the learner in eval mode: the largest test step count."""
         return max(self.test_steps)
+
+    @property
+    def validation_steps(self) -> int:
+        """Inner steps before the validation query loss: ``val_steps``, else ``inner_steps``.
+
+        The training step count by default, so every algorithm validates where it was trained
+        (Meta-SGD's learned rates can diverge at the largest test step count).
+        """
+        return self.inner_steps if self.val_steps is None else self.val_steps
 
 
 PAPER = {
@@ -195,6 +205,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+# Other spellings of a setting: ``k_shot`` (the flag is ``--k-shot``) is ``shots``.
+KEY_ALIASES = {"k_shot": "shots"}
+
+
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
     """``cfg`` with ``values`` (field name -> value; ``-`` in names allowed) applied.
 
@@ -204,7 +218,9 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> Tr
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     changes = {}
     for k, v in values.items():
-        key = k.replace("-", "_")
+        key = KEY_ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))
+        if key in changes:
+            raise ConfigError(f"{source}: {key!r} is given twice (as {k!r} and its alias).")
         if key not in names:
             raise ConfigError(f"{source}: unknown setting {k!r}; known: {sorted(names)}.")
         problem = type_problem(key, v)
@@ -361,6 +377,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) is not None:
             _check_int(name, getattr(cfg, name), 1)
     _check_int("inner_steps", cfg.inner_steps, 0)
+    if cfg.val_steps is not None:
+        _check_int("val_steps", cfg.val_steps, 0)
     _check_int("seed", cfg.seed, 0)
     _check_int("split_seed", cfg.split_seed, 0)
     if cfg.first_order_steps is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import metagrad
 from metagrad.tasks import SinusoidTasks, derive_seed
 from metagrad.training._config import PAPER, TrainConfig
 from metagrad.training._evaluate import EvalResult
+
+_log = logging.getLogger("metagrad")
 
 
 def paper_reference(cfg: TrainConfig, result: EvalResult | None = None) -> dict[str, Any] | None:
@@ -59,16 +62,38 @@ def write_results(
 
 
 def make_plots(trainer: Any, folder: Path) -> list[Path]:
-    """Learning curves and (sinusoid) the Figure 2 fits; raises ImportError without matplotlib."""
-    from metagrad.training._plots import plot_learning_curves, plot_sinusoid_fits
+    """Learning curves and (sinusoid) the Figure 2 fits; the files written.
 
+    Raises ImportError without matplotlib. Any other failure of one plot is a warning (logger
+    ``"metagrad"``) naming the plot: a finished, saved run never fails over a picture.
+    """
+    from metagrad.training._plots import _pyplot
+
+    _pyplot()  # ImportError (which extra to install) before anything else
     made = []
-    if (folder / "metrics.csv").exists():
-        log = trainer.cfg.task == "sinusoid"
-        curves = plot_learning_curves(
-            folder / "metrics.csv", folder / "learning_curves.png", log_scale=log
-        )
-        made.append(curves)
+    for name, draw in (("learning_curves.png", _curves), ("sinusoid_fits.png", _fits)):
+        try:
+            path = draw(trainer, folder, folder / name)
+        except Exception as err:  # a picture must not undo a saved run
+            _log.warning("%s skipped: %s: %s", name, type(err).__name__, " ".join(str(err).split()))
+            continue
+        if path is not None:
+            made.append(path)
+    return made
+
+
+def _curves(trainer: Any, folder: Path, out: Path) -> Path | None:
+    from metagrad.training._plots import plot_learning_curves
+
+    if not (folder / "metrics.csv").exists():
+        return None
+    log = trainer.cfg.task == "sinusoid"
+    return plot_learning_curves(folder / "metrics.csv", out, log_scale=log)
+
+
+def _fits(trainer: Any, folder: Path, out: Path) -> Path | None:
+    from metagrad.training._plots import plot_sinusoid_fits
+
     if trainer.cfg.task == "sinusoid":
         shots = trainer.cfg.eval_shots or trainer.cfg.shots
         tasks = SinusoidTasks(shots, seed=derive_seed(trainer.cfg.seed, 4))
@@ -76,7 +101,5 @@ def make_plots(trainer: Any, folder: Path) -> list[Path]:
         # (Meta-SGD's learned rates are tuned for its training steps and can diverge beyond).
         top = max(trainer.cfg.test_steps)
         steps = sorted({s for s in (1, 10) if s <= top} | ({top} if top > 0 else set()))
-        made.append(
-            plot_sinusoid_fits(trainer.learner, tasks, folder / "sinusoid_fits.png", steps=steps)
-        )
-    return made
+        return plot_sinusoid_fits(trainer.learner, tasks, out, steps=steps)
+    return None

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from metagrad.training._build import (
     make_model,
     make_samplers,
 )
+from metagrad.training._callbacks import Callback
 from metagrad.training._checkpoint import (
     CHECKPOINT,
     PREVIOUS,
@@ -59,11 +60,11 @@ METRICS = "metrics.csv"
 # fail on every batch; skipping them forever only hides that).
 MAX_SKIPS_IN_A_ROW = 10
 COLUMNS = ["iteration", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_loss_ci95",
-           "val_accuracy", "val_accuracy_ci95"]  # fmt: skip
+           "val_accuracy", "val_accuracy_ci95", "train_accuracy", "val_steps"]  # fmt: skip
 # A resumed run must match its checkpoint's config in every key but these (they change neither
 # the trained parameters nor what the metrics mean); others need allow_config_change=True.
 FREE_ON_RESUME = ("iterations", "val_every", "log_every", "checkpoint_every", "val_tasks",
-                  "eval_tasks", "tensorboard")  # fmt: skip
+                  "eval_tasks", "tensorboard", "val_steps")  # fmt: skip
 # Never changeable on resume: the model and the task streams continue from the checkpoint.
 FIXED_ON_RESUME = ("task", "seed")
 # What `Trainer.from_checkpoint` (metagrad eval) may override: data location and evaluation.
@@ -149,6 +150,7 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.last = 0.0
         self.bar: Any = None
+        self.val = ""
         if enabled:
             try:
                 from tqdm import tqdm
@@ -157,12 +159,16 @@ class _Progress:
             except ImportError:
                 self.bar = None
 
+    def validated(self, loss: float, accuracy: float | None) -> None:
+        """Show the latest validation loss (and accuracy) from now on."""
+        self.val = f"  val {loss:.4f}" + ("" if accuracy is None else f" ({100 * accuracy:.1f}%)")
+
     def update(self, it: int, loss: float, lr: float) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.1e}", refresh=False)
+            self.bar.set_postfix_str(f"loss={loss:.4f}, lr={lr:.1e}" + self.val, refresh=False)
             return
         now = time.perf_counter()
         if now - self.last < 2.0 and it < self.total:
@@ -173,7 +179,8 @@ class _Progress:
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
         end = "\r" if sys.stderr.isatty() else "\n"
         sys.stderr.write(
-            f"meta-train {it}/{self.total}  loss {loss:.4f}  lr {lr:.1e}  {rate:.1f} it/s  ETA {eta_s}{end}"
+            f"meta-train {it}/{self.total}  loss {loss:.4f}{self.val}  lr {lr:.1e}  {rate:.1f} it/s  "
+            f"ETA {eta_s}{end}"
         )
         sys.stderr.flush()
 
@@ -252,6 +259,8 @@ class Trainer:
             ``config_changes``, and ``meta_lr``/``min_lr``/``lr_schedule`` reach the optimizer.
         overwrite: replace an earlier run's checkpoints and log in ``output``.
         progress: show a progress bar.
+        callbacks: experiment-tracker hooks (:class:`~metagrad.training.Callback`): each
+            ``metrics.csv`` row, each validation and the end of training reach them.
 
     Raises:
         ConfigError, DatasetError, CheckpointError: bad settings, data or checkpoint; raised
@@ -274,8 +283,10 @@ class Trainer:
         progress: bool = True,
         writer: bool = True,
         allow_config_change: bool = False,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         cfg = validate(cfg)
+        self.callbacks = list(callbacks)
         if writer:
             self.output = (
                 None
@@ -502,13 +513,19 @@ class Trainer:
             w.writerows(rows)
 
     def _log(self, row: dict[str, Any], writer: Any) -> None:
+        for cb in self.callbacks:
+            cb.on_log(self, dict(row))
         if self.output is None:
             return
         path = self.output / METRICS
         new = not path.exists()
         try:
+            header = COLUMNS
+            if not new:  # a log begun by an older version keeps its columns
+                with open(path, newline="") as f:
+                    header = next(csv.reader(f), COLUMNS) or COLUMNS
             with open(path, "a", newline="") as f:
-                w = csv.DictWriter(f, COLUMNS)
+                w = csv.DictWriter(f, header, extrasaction="ignore")
                 if new:
                     w.writeheader()
                 w.writerow({k: ("" if v is None else v) for k, v in row.items()})
@@ -678,15 +695,37 @@ class Trainer:
         )  # fmt: skip
 
     def validate(self, tasks: int | None = None) -> EvalResult:
-        """Query metrics on validation tasks after the final test step count."""
+        """Query metrics on validation tasks after ``cfg.validation_steps`` inner steps.
+
+        That is the training step count unless ``val_steps`` says otherwise.
+        """
         return evaluate(
             self.learner,
             self.samplers["val"],
             tasks=tasks or self.cfg.val_tasks,
-            steps=[self.cfg.eval_steps],
+            steps=[self.cfg.validation_steps],
             classification=self.classification,
             device=self.cfg.device,
         )
+
+    def train_accuracy(self) -> float | None:
+        """Query accuracy on ``meta_batch`` training tasks (classification; else None).
+
+        The train sampler is rewound afterwards, so the training stream (and exact resume)
+        is unchanged: these are the tasks of the next meta-batch.
+        """
+        if not self.classification:
+            return None
+        sampler = self.samplers["train"]
+        state = sampler.state_dict()
+        try:
+            r = evaluate(
+                self.learner, sampler, tasks=self.cfg.meta_batch,
+                steps=[self.cfg.inner_steps], classification=True, device=self.cfg.device,
+            ).rows[0]  # fmt: skip
+        finally:
+            sampler.load_state_dict(state)
+        return r.accuracy
 
     def train(self, until: int | None = None) -> int:
         """Meta-train up to ``cfg.iterations`` (or ``until``, to stop early); return the iteration.
@@ -712,6 +751,8 @@ class Trainer:
             if writer is not None:
                 writer.close()
         self.save()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         return self.iteration
 
     def _loop(self, stop: int, writer: Any, bar: _Progress) -> None:
@@ -746,7 +787,11 @@ class Trainer:
                 self.last_val = val
                 r = val.rows[-1]
                 row = {**row, "iteration": it, "val_loss": r.loss, "val_loss_ci95": r.loss_ci95,
-                       "val_accuracy": r.accuracy, "val_accuracy_ci95": r.accuracy_ci95}  # fmt: skip
+                       "val_accuracy": r.accuracy, "val_accuracy_ci95": r.accuracy_ci95,
+                       "train_accuracy": self.train_accuracy(), "val_steps": r.steps}  # fmt: skip
+                bar.validated(r.loss, r.accuracy)
+                for cb in self.callbacks:
+                    cb.on_validation(self, val)
             if row:
                 self._log(row, writer)
             if it % cfg.checkpoint_every == 0 and it < stop:
