@@ -194,9 +194,13 @@ def test_unused_parameter_errors_and_allow_unused() -> None:
     def f(p: dict[str, Tensor]) -> Tensor:
         return (p["a"] ** 2).sum()
 
-    with pytest.raises(ValueError, match=r"hessian: parameter\(s\) \['b'\].*allow_unused=True"):
+    with pytest.raises(
+        ValueError, match=r"metagrad\.hessian: parameter\(s\) \['b'\].*allow_unused=True"
+    ):
         hessian(f, x)
-    with pytest.raises(ValueError, match=r"jacobian: parameter\(s\) \['b'\].*allow_unused=True"):
+    with pytest.raises(
+        ValueError, match=r"metagrad\.jacobian: parameter\(s\) \['b'\].*allow_unused=True"
+    ):
         jacobian(f, x)
     hess = hessian(f, x, allow_unused=True)
     assert isinstance(hess, dict)

@@ -104,7 +104,7 @@ def jacobian(
         tensor([[2., 1.],
                 [2., 0.]], dtype=torch.float64)
     """
-    fn = "jacobian"
+    fn = "metagrad.jacobian"
     check_tree(fn, x, "x")
     xs = prepare_primals(cast(TensorTree, x), create_graph)
     # create_graph: the caller may differentiate the Jacobian, i.e. f's backward pass.
@@ -182,7 +182,7 @@ def hessian(
         >>> H["x"]["y"][0]  # d/dy of dw/dx_1 for w = (x.y)^2 (seed 002)
         tensor([16.,  2.], dtype=torch.float64)
     """
-    fn = "hessian"
+    fn = "metagrad.hessian"
     check_tree(fn, x, "x")
     xs = prepare_primals(cast(TensorTree, x), create_graph)
     with torch.enable_grad(), attention_for(True):  # differentiates f's backward pass

@@ -22,7 +22,7 @@ from metagrad.derivatives._checks import check_choice, check_scalar_output, chec
 from metagrad.derivatives._forward_ad_fix import MeanMSEAsNone, is_forward_ad_gap
 from metagrad.functional._attention import higher_order_attention
 
-_FN = "hvp"
+_FN = "metagrad.hvp"
 HVPMode = Literal["rev", "fwd"]
 
 

@@ -12,7 +12,7 @@ from metagrad.derivatives._autograd import prepare_primals
 from metagrad.derivatives._checks import check_order, check_scalar_output, check_tree, describe
 from metagrad.functional._attention import attention_for
 
-_FN = "nth_derivative"
+_FN = "metagrad.nth_derivative"
 
 
 def nth_derivative(

@@ -15,7 +15,7 @@ from metagrad.derivatives._autograd import grad_tree, prepare_primals
 from metagrad.derivatives._checks import check_scalar_output, check_tree, describe
 from metagrad.functional._attention import attention_for
 
-_FN = "grad_norm_penalty"
+_FN = "metagrad.grad_norm_penalty"
 
 
 def grad_norm_penalty(
