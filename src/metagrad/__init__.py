@@ -12,7 +12,7 @@ The public surface, explicitly:
 * deprecated inner optimizers :class:`SGD`, :class:`Momentum`, :class:`Adam` (use
   ``metagrad.optim``);
 * verification: :func:`check_meta_gradient` / :class:`CheckReport` (``metagrad check``);
-* the seeds' toy: :func:`linear_toy` (``metagrad explain``);
+* the linear-regression toy: :func:`linear_toy` (``metagrad explain``);
 * errors: :class:`NonFiniteError`;
 * process setting for long CPU runs: :func:`keep_freed_memory` (glibc keeps freed activation
   pages; ``metagrad train`` calls it).

@@ -77,7 +77,7 @@ class IMAML(ImplicitLearner):
         inner_optimizer: ``"sgd"`` (default), ``"momentum"``, ``"adam"`` or an optimizer object.
         bn: BatchNorm policy (see :class:`metagrad.MAML`).
         memory_format: ``"auto"`` (default: channels-last activations for stock ``torch.nn``
-            conv nets on CPU, ~1.4x faster, same values), ``"channels_last"`` or ``"preserve"``.
+            conv nets on CPU: faster, same values; see BENCHMARKS.md), ``"channels_last"`` or ``"preserve"``.
         check_finite: raise :class:`metagrad.NonFiniteError` naming task and step on NaN/Inf.
 
     Example:

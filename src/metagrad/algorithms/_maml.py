@@ -101,7 +101,7 @@ class MAML(UnrolledLearner):
         allow_unused: adapted parameters that do not reach the support loss are left unchanged
             instead of raising.
         memory_format: ``"auto"`` (default: channels-last activations for stock ``torch.nn``
-            conv nets on CPU, ~1.4x faster, same values), ``"channels_last"`` or ``"preserve"``.
+            conv nets on CPU: faster, same values; see BENCHMARKS.md), ``"channels_last"`` or ``"preserve"``.
         check_finite: raise :class:`metagrad.NonFiniteError` naming the task and step on NaN/Inf.
 
     Example:

@@ -34,7 +34,7 @@ class Reptile(UnrolledLearner):
         inner_optimizer: ``"sgd"`` (default), ``"momentum"``, ``"adam"`` or an optimizer object.
         bn: BatchNorm policy (see :class:`metagrad.MAML`).
         memory_format: ``"auto"`` (default: channels-last activations for stock ``torch.nn``
-            conv nets on CPU, ~1.4x faster, same values), ``"channels_last"`` or ``"preserve"``.
+            conv nets on CPU: faster, same values; see BENCHMARKS.md), ``"channels_last"`` or ``"preserve"``.
         allow_unused: leave parameters without support gradient unchanged instead of raising.
     """
 

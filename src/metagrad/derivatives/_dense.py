@@ -179,7 +179,7 @@ def hessian(
         >>> p = {"x": torch.tensor([3.0, 1.0], dtype=torch.float64),
         ...      "y": torch.tensor([1.0, 2.0], dtype=torch.float64)}
         >>> H = hessian(lambda q: (q["x"] @ q["y"]) ** 2, p)
-        >>> H["x"]["y"][0]  # d/dy of dw/dx_1 for w = (x.y)^2 (seed 002)
+        >>> H["x"]["y"][0]  # d/dy of dw/dx_1 for w = (x.y)^2
         tensor([16.,  2.], dtype=torch.float64)
     """
     fn = "metagrad.hessian"

@@ -1,9 +1,9 @@
 """Batch-statistics BatchNorm whose double backward avoids a slow PyTorch reduction.
 
 PyTorch's double backward of ``native_batch_norm`` reduces over the batch dimension first
-(``sum(0, keepdim=True)``), and on a channels-last tensor that single reduction runs ~20x
-slower than the same sum on NCHW (8.4 ms vs 0.4 ms for [20, 64, 28, 28], one thread, torch
-2.13): for a 20-way support set it was a fifth of the whole second-order meta-step.
+(``sum(0, keepdim=True)``), and on a channels-last tensor that single reduction runs much
+slower than the same sum on NCHW (measured in BENCHMARKS.md): for a 20-way support set it is a
+large part of the whole second-order meta-step.
 
 :class:`BatchStatsNorm` keeps the native kernels for the forward and for a plain backward, and
 only when a graph of the backward is requested (``create_graph=True``, the inner loop of

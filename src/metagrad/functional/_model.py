@@ -56,7 +56,7 @@ _RECORDING: contextvars.ContextVar[tuple[Recorder, int] | None] = contextvars.Co
 MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 
 _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-# Modules whose math is safe and fast to vmap over tasks (see choose_strategy).
+# Modules whose math is safe and fast to vmap over tasks (``strategy="auto"`` reads this; see algorithms._task.resolve_strategy).
 _VMAP_SAFE = (
     nn.Linear,
     nn.Bilinear,
@@ -295,7 +295,7 @@ class FunctionalModel:
         """True when every module is a stock layer whose per-task vmap is exact and fast.
 
         Normalization layers are excluded: the batched-gradient pattern is wrong for them
-        (pytorch/functorch#534) and the correct variant measured ~2x slower than the loop.
+        (pytorch/functorch#534) and the correct variant is slower than the loop (BENCHMARKS.md).
         Recurrent layers are excluded because vmap of their kernels is not supported.
         """
         for m in self.template.modules():

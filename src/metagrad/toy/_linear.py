@@ -1,4 +1,4 @@
-"""The seeds' linear-regression toy: one MAML step on ``y = w*x + b``, derived two ways.
+"""A linear-regression toy: one MAML step on ``y = w*x + b``, derived two ways.
 
 The meta-gradient is computed by autograd (``torch.autograd.grad``, with ``create_graph=True``
 for second order) and, independently, from a closed form derived by hand. The two must agree;
@@ -153,7 +153,7 @@ def linear_toy(
         g_w^{(2)} = 2 r_q \bigl(x_q - 2 \alpha x_s (x_s x_q + 1)\bigr), \qquad
         g_b^{(2)} = 2 r_q \bigl(1 - 2 \alpha (x_s x_q + 1)\bigr).
 
-    With the seeds' settings (:math:`x_s = 1, y_s = 0, x_q = 2, y_q = 0, \alpha = 1, b_0 = 0`):
+    With the default settings (:math:`x_s = 1, y_s = 0, x_q = 2, y_q = 0, \alpha = 1, b_0 = 0`):
     :math:`r_s = w_0`, :math:`w_1 = -w_0`, :math:`b_1 = -2 w_0`, :math:`r_q = -4 w_0`, so
     :math:`g_w^{(1)} = -16 w_0`, :math:`g_b^{(1)} = -8 w_0`, :math:`g_w^{(2)} = 32 w_0` and
     :math:`g_b^{(2)} = 40 w_0`. The meta-update is :math:`w_0' = w_0 - \beta g_w`,

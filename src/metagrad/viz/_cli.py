@@ -58,7 +58,7 @@ def add_graph_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     )
     what = p.add_mutually_exclusive_group()
     what.add_argument(
-        "--toy", action="store_true", help="the seeds' y = w*x + b toy (default without --model)"
+        "--toy", action="store_true", help="the linear y = w*x + b toy (default without --model)"
     )
     what.add_argument(
         "--model", metavar="NAME", help="mlp, conv4, or module:function returning an nn.Module"

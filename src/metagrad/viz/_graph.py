@@ -145,7 +145,7 @@ def _module_of(name: str) -> str:
 
 
 def _fast_label(name: str, step: int) -> str:
-    """``w`` after step 1 is ``w1`` (the seeds' notation); dotted names keep the full name."""
+    """``w`` after step 1 is ``w1`` (the toy's notation); dotted names keep the full name."""
     if name.isidentifier() and not name[-1].isdigit():
         return f"{name}{step}"
     return name

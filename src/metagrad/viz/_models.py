@@ -1,4 +1,4 @@
-"""Models and tasks to draw: the seeds' linear toy, built-in MLP / conv-4, user factories."""
+"""Models and tasks to draw: the linear toy, built-in MLP / conv-4, user factories."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ __all__ = ["ToyLinear", "conv4", "load_factory", "mlp", "squared_error", "toy_gr
 
 
 class ToyLinear(nn.Module):
-    """``y = w*x + b`` with parameters named ``w`` and ``b`` (the seeds' notation).
+    """``y = w*x + b`` with parameters named ``w`` and ``b`` (the toy's notation).
 
     Args:
         w0: Initial weight.
@@ -50,7 +50,7 @@ def toy_graph(
     order: int = 2,
     steps: int = 1,
 ) -> MetaGraph:
-    """Meta-loss graph of one MAML step on the seeds' toy ``y = w*x + b`` (same defaults as
+    """Meta-loss graph of one MAML step on the linear toy ``y = w*x + b`` (same defaults as
     ``metagrad explain``).
 
     Args:
