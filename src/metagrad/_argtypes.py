@@ -10,6 +10,15 @@ import argparse
 import math
 
 
+def number(text: str) -> float:
+    """Any float, ``nan`` and ``inf`` included (for settings whose range is validated later,
+    with a message naming the setting)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def finite_float(text: str) -> float:
     """A finite float."""
     try:
@@ -29,6 +38,14 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def int_at_least(minimum: int):  # type: ignore[no-untyped-def]
     """An integer >= ``minimum``."""
 
@@ -38,7 +55,8 @@ def int_at_least(minimum: int):  # type: ignore[no-untyped-def]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+            bound = "> 0" if minimum == 1 else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
         return value
 
     return parse
@@ -71,3 +89,27 @@ def shape(text: str) -> tuple[int, ...]:
             f"expected the per-example input shape as positive integers, e.g. 1 or 3,32,32; got {text!r}"
         )
     return dims
+
+
+def step_list(text: str) -> list[int]:
+    """Inner step counts such as ``0,1,5,10`` (integers >= 0)."""
+    try:
+        steps = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        steps = [-1]
+    if not steps or any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"expected step counts like 0,1,5,10, got {text!r}")
+    return steps
+
+
+def unit_fractions(text: str) -> list[float]:
+    """Three numbers ``TRAIN,VAL,TEST`` such as ``0.7,0.1,0.2`` (ranges are checked later)."""
+    try:
+        parts = [float(t) for t in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            f"expected three fractions TRAIN,VAL,TEST like 0.7,0.1,0.2, got {text!r}"
+        )
+    return parts

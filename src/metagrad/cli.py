@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ from metagrad._argtypes import int_at_least
 from metagrad._argtypes import nonneg_float as _nonneg_float
 from metagrad._argtypes import shape as _int_list
 from metagrad._argtypes import xy_pair as _xy_pair
+from metagrad.algorithms._task import STRATEGIES
 from metagrad.toy import ToyResult, linear_toy
 
 _positive_int = int_at_least(1)
@@ -216,11 +216,15 @@ def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             "second order. Exit status 0 when both agreements are within tolerance, 1 otherwise."
         ),
     )
-    parser.add_argument("--model", default="mlp", help="mlp | conv4 | package.module:function")
+    parser.add_argument(
+        "--model", default="mlp",
+        help="mlp | conv4 | your factory as pkg.mod:build or pkg.mod:build(hidden=32) "
+        "(imported from the current folder too)",
+    )  # fmt: skip
     parser.add_argument("--algorithm", choices=ALGORITHMS, default="maml")
-    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--inner-steps", type=int_at_least(0), default=1)
     parser.add_argument("--inner-lr", type=_nonneg_float, default=0.01)
-    parser.add_argument("--strategy", choices=("auto", "loop", "vmap", "hvp_chain"), default="auto")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto")
     parser.add_argument("--tasks", type=_positive_int, default=4)
     parser.add_argument(
         "--shots", type=_positive_int, default=5, help="support examples (per class)"
@@ -236,7 +240,7 @@ def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--head", default=None, help="ANIL: adapted parameter prefix")
     parser.add_argument("--directions", type=_positive_int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=functools.partial(_run_check, parser=parser))
 
@@ -276,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show Python tracebacks instead of one-line errors"
     )
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument(
+        "--quiet", "-q", action="store_true", help="library messages: errors only (no warnings)"
+    )
+    loud.add_argument(
+        "--verbose", "-v", action="store_true", help="library messages: debug records too"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in _REGISTRARS:
         register(subparsers)
@@ -307,16 +318,17 @@ def main(argv: list[str] | None = None) -> int:
         sub = _subparser(parser, getattr(args, "command", None))
         (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     handler: Callable[[argparse.Namespace], int] = args.handler
-    if args.debug:
-        previous = os.environ.get("METAGRAD_DEBUG")
-        os.environ["METAGRAD_DEBUG"] = "1"  # read by subcommands that format their own errors
-        try:
+    # The "metagrad" logger's records go to stderr as `metagrad <cmd>: warning: ...` lines, at
+    # the level --quiet/--verbose choose; args.debug reaches the subcommands in `args`.
+    from metagrad.training._cli import cli_logging, log_level
+
+    with cli_logging(args.command, log_level(args)):
+        if args.debug:
             return handler(args)
-        finally:  # main() may be called again in the same process (tests, notebooks)
-            if previous is None:
-                del os.environ["METAGRAD_DEBUG"]
-            else:
-                os.environ["METAGRAD_DEBUG"] = previous
+        return _run_guarded(handler, args)
+
+
+def _run_guarded(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except (Exception, KeyboardInterrupt) as err:  # one line for users; --debug for the rest

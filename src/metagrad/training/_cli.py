@@ -1,6 +1,8 @@
 """``metagrad train`` and ``metagrad eval`` (registered by ``metagrad.cli``).
 
-Errors print one line ``metagrad <cmd>: error: ...`` and return exit status 2; no traceback.
+Errors print one line ``metagrad <cmd>: error: ...`` and return exit status 2; no traceback
+(``metagrad --debug`` adds it). Omniglot is read from ``--data`` or, without it, from the
+folder or zip named by the environment variable ``METAGRAD_DATA`` (:data:`DATA_ENV`).
 """
 
 from __future__ import annotations
@@ -8,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -18,8 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from metagrad._argtypes import int_at_least, number, positive_float, step_list, unit_fractions
 from metagrad._errors import NonFiniteError
 from metagrad._perf import keep_freed_memory
+from metagrad.algorithms._task import STRATEGIES
 from metagrad.distributed import DistributedError, check_same_config, init_from_env
 from metagrad.tasks import DatasetError, derive_seed
 from metagrad.training._build import TEST_STREAM, make_sampler
@@ -29,7 +32,6 @@ from metagrad.training._config import (
     ALIASES,
     MODELS,
     PRESETS,
-    STRATEGIES,
     ConfigError,
     TrainConfig,
     apply_overrides,
@@ -41,6 +43,7 @@ from metagrad.training._evaluate import format_table
 from metagrad.training._report import make_plots, paper_reference, write_results
 from metagrad.training._trainer import Trainer
 
+_log = logging.getLogger("metagrad")
 Subparsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, NonFiniteError, ValueError, OSError,
                DistributedError)  # fmt: skip
@@ -56,26 +59,27 @@ TRAIN_FLAGS = {
     "checkpoint_every": "checkpoint_every", "hidden": "hidden", "image_size": "image_size",
     "device": "device", "tensorboard": "tensorboard", "split": "split", "val_tasks": "val_tasks",
     "compile": "compile", "imaml_lam": "imaml_lam", "cg_steps": "cg_steps", "nan_policy": "nan_policy",
-    "model": "model",
+    "model": "model", "val_steps": "val_steps",
 }  # fmt: skip
+DATA_ENV = "METAGRAD_DATA"  # Omniglot location when --data is not given
+_pos_int, _nonneg_int = int_at_least(1), int_at_least(0)
 
 
 def default_omniglot_path() -> str | None:
-    """``../shared/data/omniglot`` beside the repository (or the working directory), if present."""
-    repo = Path(__file__).resolve().parents[3]
-    for base in (repo, Path.cwd()):
-        cand = base.parent / "shared" / "data" / "omniglot"
-        if cand.is_dir():
-            return str(cand)
-    return None
+    """The Omniglot location named by ``$METAGRAD_DATA``, or None when it is unset or empty.
+
+    Never a path guessed from the package's own location: an installed package looks only where
+    it is told.
+    """
+    return os.environ.get(DATA_ENV) or None
 
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _fail(cmd: str, err: BaseException) -> int:
-    if os.environ.get("METAGRAD_DEBUG"):  # `metagrad --debug ...`
+def _fail(cmd: str, err: BaseException, debug: bool = False) -> int:
+    if debug:  # `metagrad --debug ...`
         traceback.print_exception(err)
     print(f"metagrad {cmd}: error: {_one_line(err)}", file=sys.stderr)
     return 2
@@ -84,8 +88,8 @@ def _fail(cmd: str, err: BaseException) -> int:
 class _StderrHandler(logging.Handler):
     """The library's log records as ``metagrad <cmd>: warning: ...`` lines on (current) stderr."""
 
-    def __init__(self, cmd: str) -> None:
-        super().__init__(logging.INFO)
+    def __init__(self, cmd: str, level: int = logging.INFO) -> None:
+        super().__init__(level)
         self.cmd = cmd
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -98,76 +102,34 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+def log_level(args: argparse.Namespace) -> int:
+    """``--quiet``: errors only; ``--verbose``: debug records too; else warnings and notes."""
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    return logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+
+
 @contextmanager
-def _cli_logging(cmd: str) -> Iterator[None]:
-    """Show the ``metagrad`` logger's warnings and notes during one CLI command."""
+def cli_logging(cmd: str, level: int = logging.INFO) -> Iterator[None]:
+    """Show the ``metagrad`` logger's records of ``level`` and above during one CLI command.
+
+    Nested use (``metagrad.cli`` around a subcommand that sets up its own) keeps the outer one.
+    """
     logger = logging.getLogger("metagrad")
-    handler = _StderrHandler(cmd)
-    level, propagate = logger.level, logger.propagate
+    if any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        yield
+        return
+    handler = _StderrHandler(cmd, level)
+    old_level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(level)
+        logger.setLevel(old_level)
         logger.propagate = propagate
-
-
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
-def _steps(text: str) -> list[int]:
-    try:
-        return [_nonneg_int(t) for t in text.split(",") if t.strip()]
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"expected step counts like 0,1,5,10, got {text!r}"
-        ) from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _pos_float(text: str) -> float:
-    v = _float(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _fractions(text: str) -> list[float]:
-    try:
-        parts = [float(t) for t in text.split(",")]
-    except ValueError:
-        parts = []
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(
-            f"expected three fractions TRAIN,VAL,TEST like 0.7,0.1,0.2, got {text!r}"
-        )
-    return parts
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
@@ -197,8 +159,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         cfg = cfg.replace(data=default_omniglot_path())
         if cfg.data is None:
             raise ConfigError(
-                "no Omniglot data found: pass --data PATH (an Omniglot zip, a folder of zips, or "
-                "an extracted folder)."
+                f"no Omniglot data given: pass --data PATH (an Omniglot zip, a folder of zips, or "
+                f"an extracted folder), or set the environment variable {DATA_ENV}=PATH."
             )
     if cfg.data:
         cfg = cfg.replace(data=str(Path(cfg.data).expanduser().resolve()))
@@ -207,7 +169,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def _finish(
     trainer: Trainer, out: Path | None, cmd: str, train_time: float | None, plots: bool = True
-) -> None:
+) -> Any:
+    """Evaluate, print the table, write results.json and plots; returns the evaluation."""
     t0 = time.perf_counter()
     result = trainer.evaluate()
     eval_time = time.perf_counter() - t0
@@ -221,7 +184,7 @@ def _finish(
     if paper is not None:
         print("(paper: MAML, Finn et al. 2017)")
     if out is None:
-        return
+        return result
     try:
         write_results(out / "results.json", cfg, result, iteration=trainer.iteration,
                       train_time_s=train_time, eval_time_s=eval_time,
@@ -243,8 +206,9 @@ def _finish(
     try:
         made = make_plots(trainer, out) if plots else []
     except ImportError as err:
-        print(f"metagrad {cmd}: note: plots skipped: {_one_line(err)}", file=sys.stderr)
+        _log.info("note: plots skipped: %s", _one_line(err))
     print(f"wrote {out / 'results.json'}" + "".join(f", {p.name}" for p in made))
+    return result
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -254,7 +218,7 @@ def run_train(args: argparse.Namespace) -> int:
     status = maybe_run_navigation(args)
     if status is not None:
         return status
-    with _cli_logging("train"):
+    with cli_logging("train", log_level(args)):
         return _run_train(args)
 
 
@@ -297,7 +261,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if rank == 0:  # only rank 0 reports and writes
             _finish(trainer, out, "train", trainer.elapsed, plots=not args.no_plots)
     except USER_ERRORS as err:
-        return _fail("train", err)
+        return _fail("train", err, getattr(args, "debug", False))
     return 0
 
 
@@ -308,7 +272,7 @@ def run_eval(args: argparse.Namespace) -> int:
     status = maybe_eval_navigation(args)
     if status is not None:
         return status
-    with _cli_logging("eval"):
+    with cli_logging("eval", log_level(args)):
         return _run_eval(args)
 
 
@@ -339,13 +303,13 @@ def _run_eval(args: argparse.Namespace) -> int:
             from metagrad.training._trainer import prepare_eval_output
 
             out = prepare_eval_output(args.output)
-        _finish(trainer, out, "eval", None, plots=not args.no_plots)
+        result = _finish(trainer, out, "eval", None, plots=not args.no_plots)
         if args.trace:
             _write_trace(trainer, out, args.trace, plots=not args.no_plots)
-        if args.json:
-            print(json.dumps(trainer.evaluate().to_dict()))
+        if args.json:  # the evaluation above, not a second one
+            print(json.dumps(result.to_dict()))
     except USER_ERRORS as err:
-        return _fail("eval", err)
+        return _fail("eval", err, getattr(args, "debug", False))
     return 0
 
 
@@ -368,7 +332,9 @@ def _write_trace(trainer: Trainer, out: Path | None, tasks: int, *, plots: bool)
             )
             written.append("trace.png")
         except ImportError as err:
-            print(f"metagrad eval: note: trace.png skipped: {_one_line(err)}", file=sys.stderr)
+            _log.info("note: trace.png skipped: %s", _one_line(err))
+        except Exception as err:  # trace.csv is written; a picture never fails the command
+            _log.warning("trace.png skipped: %s: %s", type(err).__name__, _one_line(err))
     print(f"wrote {out / written[0]}" + (f", {written[1]}" if len(written) > 1 else ""))
 
 
@@ -387,7 +353,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML or JSON file of settings (may name preset = ...)")
     p.add_argument(
         "--data",
-        help="dataset: Omniglot zip / folder of zips / extracted folder, or ROOT/<class>/*.png",
+        help="dataset: Omniglot zip / folder of zips / extracted folder, or ROOT/<class>/*.png "
+        f"(Omniglot default: ${DATA_ENV})",
     )
     p.add_argument("--algorithm", choices=ALGORITHMS, help="meta-learning algorithm (default maml)")
     p.add_argument("--iterations", type=_pos_int, help="meta-iterations")
@@ -404,24 +371,29 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--meta-batch", type=_pos_int, help="tasks per meta-update")
     p.add_argument("--inner-steps", type=_nonneg_int, help="inner steps during meta-training")
-    p.add_argument("--inner-lr", type=_float, help="inner learning rate alpha")
-    p.add_argument("--meta-lr", type=_float, help="Adam learning rate beta")
+    p.add_argument("--inner-lr", type=number, help="inner learning rate alpha")
+    p.add_argument("--meta-lr", type=number, help="Adam learning rate beta")
     p.add_argument("--strategy", choices=STRATEGIES, help="meta-gradient strategy")
     p.add_argument("--n-way", type=_pos_int, help="classes per task")
     p.add_argument(
-        "--k-shot", type=_pos_int, help="support examples per class (per task for sinusoid)"
-    )
+        "--k-shot", "--shots", dest="k_shot", type=_pos_int,
+        help="support examples per class (per task for sinusoid); config key shots (or k_shot)",
+    )  # fmt: skip
     p.add_argument("--queries", type=_pos_int, help="query examples per class during training")
     p.add_argument("--eval-shots", type=_pos_int, help="support examples at test time")
     p.add_argument("--eval-queries", type=_pos_int, help="query examples at test time")
     p.add_argument(
-        "--test-steps", type=_steps, help="inner step counts scored at test, e.g. 0,1,5,10"
+        "--test-steps", type=step_list, help="inner step counts scored at test, e.g. 0,1,5,10"
     )
     p.add_argument("--eval-tasks", type=_pos_int, help="test tasks (default 600)")
-    p.add_argument("--clip-grad", type=_float, help="clip the meta-gradient norm")
+    p.add_argument("--clip-grad", type=number, help="clip the meta-gradient norm")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"))
     p.add_argument("--val-every", type=_pos_int, help="validate every N iterations")
     p.add_argument("--val-tasks", type=_pos_int, help="validation tasks")
+    p.add_argument(
+        "--val-steps", type=_nonneg_int,
+        help="inner steps before the validation loss (default: --inner-steps, as trained)",
+    )  # fmt: skip
     p.add_argument("--log-every", type=_pos_int)
     p.add_argument("--checkpoint-every", type=_pos_int)
     p.add_argument("--hidden", type=_pos_int, help="conv-4 filters")
@@ -430,7 +402,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="image tasks: conv4 (the MAML paper's, default) or vit (metagrad.models.vit)",
     )  # fmt: skip
     p.add_argument("--image-size", type=_pos_int, help="resize images to N x N")
-    p.add_argument("--split", type=_fractions, help="class split fractions TRAIN,VAL,TEST")
+    p.add_argument("--split", type=unit_fractions, help="class split fractions TRAIN,VAL,TEST")
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument(
         "--tensorboard", action="store_const", const=True, help="also log to TensorBoard"
@@ -443,10 +415,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--nan-policy", choices=("raise", "skip"),
         help="on NaN/Inf: stop with an error naming task/step (default) or skip the meta-batch",
     )  # fmt: skip
-    p.add_argument("--imaml-lam", type=_pos_float, help="iMAML proximal strength lambda")
+    p.add_argument("--imaml-lam", type=positive_float, help="iMAML proximal strength lambda")
     p.add_argument("--cg-steps", type=_pos_int, help="iMAML conjugate-gradient steps")
     p.add_argument(
-        "--dist-timeout", type=_pos_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
+        "--dist-timeout", type=positive_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
         help=f"torchrun: seconds a rank waits for the others in a collective before it stops "
         f"with an error (default {DIST_TIMEOUT_S:g})",
     )  # fmt: skip
@@ -464,12 +436,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval",
         help="evaluate a training checkpoint on test tasks",
-        description="Mean and 95%% CI over test tasks after each test step count.",
+        description="Mean and 95% CI over test tasks after each test step count.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
     p.add_argument("--data", help="dataset location, if it moved since training")
     p.add_argument("--tasks", type=_pos_int, help="test tasks (default: the run's, 600)")
-    p.add_argument("--test-steps", type=_steps, help="inner step counts, e.g. 0,1,5,10")
+    p.add_argument("--test-steps", type=step_list, help="inner step counts, e.g. 0,1,5,10")
     p.add_argument("--shots", type=_pos_int, help="support examples at test time")
     p.add_argument("--queries", type=_pos_int, help="query examples at test time")
     p.add_argument("--seed", type=_nonneg_int, help="seed of the test task stream")

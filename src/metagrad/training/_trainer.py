@@ -464,12 +464,13 @@ class Trainer:
             if p.is_floating_point() and not bool(p.isfinite().all())
         ]
         if bad:  # never replace the last good checkpoint with a broken one
-            raise non_finite_error(
-                "metagrad.train", f"parameters {bad[:3]}", None, None,
-                f"metagrad.train: the parameters {bad[:3]} are NaN/Inf at iteration "
-                f"{self.iteration}; checkpoint not written (the last good one in "
-                f"{str(self.output)!r} is kept). Fix: lower --meta-lr or pass --clip-grad, and "
-                f"resume from that checkpoint.",
+            # The meta-parameters themselves: outer-loop advice, not the inner-loop default.
+            raise NonFiniteError(
+                "metagrad.train", f"meta-parameters {bad[:3]} at iteration {self.iteration}",
+                None, None,
+                advice=f"The checkpoint was not written (the last good one in "
+                f"{str(self.output)!r} is kept). The meta-update diverged: lower --meta-lr or "
+                f"pass --clip-grad, then resume from that checkpoint with --resume.",
             )  # fmt: skip
         try:
             path = save_checkpoint(self.state_dict(), self.output)
