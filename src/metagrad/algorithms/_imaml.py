@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from metagrad import optim
+from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.algorithms._base import ImplicitLearner, check_lr, check_steps
@@ -154,7 +155,7 @@ class IMAML(ImplicitLearner):
                 grads, state, {n: v.detach() for n, v in a.items()}, k, lrs
             )
             t = {n: v.detach() for n, v in t.items()}
-            state = torch.utils._pytree.tree_map(lambda x: x.detach(), state)
+            state = pytree.tree_map(lambda x: x.detach(), state)
         return t
 
     def task_gradient(

@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from metagrad._compat import pytree
 from metagrad._errors import Locate, NonFiniteError, translate_autograd_error
 from metagrad._typing import Params
 from metagrad.bilevel._adjoint import adjoint

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from metagrad._compat import pytree
 from metagrad._errors import NonFiniteError
 from metagrad._typing import Params
 from metagrad.optim._base import Optimizer

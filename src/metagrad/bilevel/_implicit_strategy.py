@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Params
 from metagrad.bilevel._foreign import describe, foreign_leaves

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Params
 from metagrad.bilevel._problem import LR, Optimizer, PerStep, Problem
@@ -160,7 +161,7 @@ def run(
                     problem, optimizer, first, w, h, state, k, batch_at(problem, inner_data, k)
                 )
             w = {n: v.detach() for n, v in w.items()}
-            state = torch.utils._pytree.tree_map(_detach, state)
+            state = pytree.tree_map(_detach, state)
             if k + 1 == cut:
                 w = trainable_start(w)
         else:

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from metagrad._compat import pytree
 from metagrad._typing import Params
 
 LR = float | Tensor
@@ -213,7 +214,7 @@ class HyperGrad:
 
 def flatten(mp: MetaParams) -> list[Any]:
     """Leaves of ``(w0, h, opt)`` in a fixed order (None and non-tensor leaves included)."""
-    return torch.utils._pytree.tree_flatten(tuple(mp))[0]
+    return pytree.tree_flatten(tuple(mp))[0]
 
 
 class AttachGrad(torch.autograd.Function):

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from metagrad._compat import pytree
 from metagrad.bilevel._problem import MetaParams
 
 

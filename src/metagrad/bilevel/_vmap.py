@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from metagrad._compat import pytree
 from metagrad.bilevel._inner import AutogradBackend, FuncBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
 from metagrad.bilevel._tree import Flat, index

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from metagrad._compat import pytree
 from metagrad._tree import tree_leaves, tree_map
 from metagrad._typing import TensorTree
 from metagrad.derivatives._checks import leaf_names

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metagrad._compat import is_functorch_wrapped
+
 
 class _BatchStatsNormFn(torch.autograd.Function):
     @staticmethod
@@ -86,7 +88,7 @@ class BatchStatsNorm(nn.BatchNorm2d):
             or updates_stats  # the stock layer also moves its running statistics
             or self.weight is None
             or self.bias is None
-            or torch._C._functorch.is_functorch_wrapped_tensor(input)
+            or is_functorch_wrapped(input)
             or torch.compiler.is_compiling()
         ):
             return self._stock.forward(self, input)  # type: ignore[arg-type]

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
+
+from metagrad._compat import pytree
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metagrad._compat import is_functorch_wrapped
 from metagrad._typing import Buffers, Params
 from metagrad.functional._attention import has_fused_attention, no_fused_inference
 from metagrad.functional._fastbn import use_batch_stats_norm
@@ -368,7 +369,7 @@ def to_channels_last(x: Tensor) -> Tensor:
         x.dim() != 4
         or not x.is_floating_point()
         or x.requires_grad
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or is_functorch_wrapped(x)
         or torch.compiler.is_compiling()
     ):
         return x

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metagrad._compat import pytree
 from metagrad.algorithms._base import UnrolledLearner, check_steps
 from metagrad.functional._checks import check_tasks
 
@@ -128,7 +129,7 @@ def inner_trace(
                     sum(float((new[n] - adapted[n]).detach().pow(2).sum()) for n in adapted)
                 )
                 adapted = {n: t.detach().requires_grad_() for n, t in new.items()}
-                state = torch.utils._pytree.tree_map(lambda t: t.detach(), state)
+                state = pytree.tree_map(lambda t: t.detach(), state)
             rows.append(row)
     return rows
 
