@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
 from metagrad import optim
+from metagrad._tree import tree_flatten_vector, tree_unflatten_vector
 from metagrad.algorithms._maml import MAML
 from metagrad.algorithms._task import meta_gradient, resolve_strategy
 from metagrad.functional._attention import attention_for
@@ -79,12 +82,10 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _flat(grads: dict[str, Tensor | None], like: dict[str, Tensor]) -> Tensor:
-    parts = []
-    for k, v in like.items():
-        g = grads.get(k)
-        parts.append((torch.zeros_like(v) if g is None else g).reshape(-1))
-    return torch.cat(parts)
+def _flat(grads: Mapping[str, Tensor | None], like: dict[str, Tensor]) -> Tensor:
+    """One vector in the order of ``like``; a missing or None gradient is zero."""
+    filled = {k: torch.zeros_like(v) if grads.get(k) is None else grads[k] for k, v in like.items()}
+    return tree_flatten_vector(cast(dict[str, Tensor], filled))
 
 
 def reference_meta_gradient(
@@ -220,21 +221,16 @@ def check_meta_gradient(
     gen = torch.Generator().manual_seed(seed)
 
     def value_at(d: Tensor, h: float) -> Tensor:
-        offset = 0
-        for v in like.values():
-            n = v.numel()
-            v.add_(h * d[offset : offset + n].view_as(v))
-            offset += n
+        shift = cast(dict[str, Tensor], tree_unflatten_vector(h * d, like))
+        for k, v in like.items():
+            v.add_(shift[k])
         try:
             return meta_gradient(
                 ln.objective, spec, theta, extra, tasks, strategy=ln.strategy, need_grad=False
             ).loss
         finally:
-            offset = 0
-            for v in like.values():
-                n = v.numel()
-                v.sub_(h * d[offset : offset + n].view_as(v))
-                offset += n
+            for k, v in like.items():
+                v.sub_(shift[k])
 
     fd_err = 0.0
     with torch.no_grad():
@@ -257,7 +253,7 @@ def check_meta_gradient(
         name = type(ln.inner_optimizer).__name__
         note = f"no unrolled reference for inner optimizer {name} (plain SGD only); FD only"
     else:
-        r = torch.cat([ref[k].reshape(-1) for k in like])
+        r = _flat(ref, like)
         ref_err = float((g - r).norm() / r.norm().clamp_min(1e-300))
 
     dist = float((g1 - g2).norm() / g2.norm().clamp_min(1e-300))

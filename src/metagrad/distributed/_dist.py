@@ -16,13 +16,14 @@ import hashlib
 import json
 import os
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from metagrad._errors import NonFiniteError
+from metagrad._tree import tree_flatten_vector, tree_unflatten_vector
 from metagrad.algorithms._maml import MAML
 
 
@@ -195,21 +196,16 @@ def distributed_meta_loss(
     keys = [k for k in sorted(res.grads) if res.grads[k] is not None]  # None: on every rank
     # closed-over tensors that reach the loss (engines that report them)
     foreign = [(t, g) for t, g in getattr(res, "foreign", ()) if g is not None]
-    parts = [(res.loss * w).reshape(1).to(dtype)]
-    parts += [(res.grads[k] * w).reshape(-1).to(dtype) for k in keys]
-    parts += [(g * w).reshape(-1).to(dtype) for _, g in foreign]
-    bucket = torch.cat(parts)
-    _all_reduce(bucket, "the meta-gradient all-reduce")  # one bucket: the loss and every gradient
+    # One bucket: the loss, every gradient, every foreign gradient (keys cannot clash: " " prefix).
+    local = {" loss": res.loss.reshape(1), **{k: res.grads[k] for k in keys}}
+    local.update({f" foreign{i}": g for i, (_, g) in enumerate(foreign)})
+    bucket = tree_flatten_vector({k: (v * w).to(dtype) for k, v in local.items()})
+    _all_reduce(bucket, "the meta-gradient all-reduce")
+    summed = cast(dict[str, Tensor], tree_unflatten_vector(bucket, local))
     grads: dict[str, Tensor | None] = dict(res.grads)
-    offset = 1
     for k in keys:
-        g = res.grads[k]
-        grads[k] = bucket[offset : offset + g.numel()].view_as(g).to(g.dtype)
-        offset += g.numel()
-    reduced_foreign = []
-    for t, g in foreign:
-        reduced_foreign.append((t, bucket[offset : offset + g.numel()].view_as(g).to(g.dtype)))
-        offset += g.numel()
+        grads[k] = summed[k].to(local[k].dtype)
+    reduced_foreign = [(t, summed[f" foreign{i}"].to(g.dtype)) for i, (t, g) in enumerate(foreign)]
     changes: dict[str, Any] = {"loss": bucket[0].to(res.loss.dtype), "grads": grads}
     if hasattr(res, "foreign"):
         changes["foreign"] = reduced_foreign
