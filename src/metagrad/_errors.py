@@ -171,13 +171,12 @@ def _missing_derivative(
     )
 
 
-_MAML_NAMES = {"unroll": "loop", "adjoint": "hvp_chain"}  # the learners' names
-
-
 def _strategy(strategy: str | None) -> str:
     if not strategy:
         return ""
-    alias = _MAML_NAMES.get(strategy)
+    from metagrad.bilevel._api import _ALIASES  # here: the engine imports this module
+
+    alias = {engine: maml for maml, engine in _ALIASES.items()}.get(strategy)
     return f", strategy={strategy!r}" + (f" ({alias!r} in the MAML family)" if alias else "")
 
 
@@ -186,10 +185,13 @@ def _by(order: int, strategy: str | None) -> str:
 
 
 def _needs(order: int, strategy: str | None) -> str:
+    from metagrad.algorithms._task import STRATEGIES  # here: the algorithms import this module
+
+    exact = ", ".join(repr(s) for s in STRATEGIES if s != "auto")
     return (
         f"order={order}{_strategy(strategy)} differentiates the inner objective's backward pass "
         f"(the Hessian term of the meta-gradient), as every exact second-order strategy "
-        f"('loop', 'vmap', 'hvp_chain', 'checkpoint') and iMAML do"
+        f"({exact}) and iMAML do"
     )
 
 

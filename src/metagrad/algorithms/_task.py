@@ -30,8 +30,9 @@ from metagrad.bilevel._inner import AutogradBackend, GradBackend, run
 from metagrad.bilevel._problem import LR
 from metagrad.functional._model import FunctionalModel, Recorder
 
-STRATEGIES = ("auto", "loop", "vmap", "hvp_chain", "checkpoint")
+# The MAML family's strategies (the one list of this layer) and the engine strategy each runs.
 _BILEVEL = {"loop": "unroll", "vmap": "vmap", "hvp_chain": "adjoint", "checkpoint": "checkpoint"}
+STRATEGIES = ("auto", *_BILEVEL)
 
 LRRule = Callable[[Params, int, str], LR]
 """``lr_rule(extra, step, name)``: inner learning rate of parameter ``name`` at ``step``."""

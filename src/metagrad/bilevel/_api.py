@@ -44,6 +44,8 @@ from metagrad.functional._locate import NodeRecord, probe_records
 
 _log = logging.getLogger("metagrad")
 
+_ALIASES = {"loop": "unroll", "hvp_chain": "adjoint"}  # the MAML family's names
+# The one list of engine strategies; the MAML family's list (algorithms._task) maps onto it.
 STRATEGIES = (
     "auto",
     "unroll",
@@ -53,10 +55,8 @@ STRATEGIES = (
     "truncated",
     "forward",
     "implicit",
-    "loop",
-    "hvp_chain",
+    *_ALIASES,
 )
-_ALIASES = {"loop": "unroll", "hvp_chain": "adjoint"}
 
 
 def resolve(strategy: str, problem: Problem, *, batched: bool, vmap_ok: bool) -> str:
