@@ -78,7 +78,7 @@ def test_learned_rates_are_labelled_and_first_order_keeps_their_path() -> None:
 
 
 def test_conv4_summary_fits_budget() -> None:
-    learner = MAML(conv4(filters=8, image_size=16), F.cross_entropy, 0.1, 1, 2)
+    learner = MAML(conv4(hidden=8, image_size=16), F.cross_entropy, 0.1, 1, 2)
     x = torch.randn(5, 1, 16, 16)
     y = torch.arange(5)
     g = meta_graph(learner, x, y, x, y)

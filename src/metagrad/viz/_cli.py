@@ -103,7 +103,10 @@ def _learner(args: argparse.Namespace, order: int) -> tuple[Any, tuple[torch.Ten
     elif args.model == "conv4":
         if min(args.filters, args.ways, args.image_size, args.channels) < 1:
             raise ValueError("--filters, --ways, --image-size and --channels must be >= 1")
-        net = conv4(args.filters, args.channels, args.ways, args.image_size)
+        net = conv4(
+            n_way=args.ways, in_channels=args.channels, hidden=args.filters,
+            image_size=args.image_size,
+        )  # fmt: skip
         shape = (args.channels, args.image_size, args.image_size)
         shots, classes = (args.shots or 1) * args.ways, args.ways
     else:

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metagrad.algorithms import MAML
-from metagrad.models import conv4 as _conv4
-from metagrad.models import load_factory, sinusoid_mlp
+from metagrad.models import conv4, load_factory, sinusoid_mlp
 from metagrad.viz._graph import MetaGraph, meta_graph
 
 __all__ = ["ToyLinear", "conv4", "load_factory", "mlp", "squared_error", "toy_graph"]
@@ -85,20 +84,6 @@ def toy_graph(
 def mlp(hidden: int = 40, in_features: int = 1, out_features: int = 1) -> nn.Module:
     """The sinusoid-regression MLP of the MAML paper: ``in -> hidden -> hidden -> out``, ReLU."""
     return sinusoid_mlp(hidden, in_features=in_features, out_features=out_features)
-
-
-def conv4(
-    filters: int = 32, in_channels: int = 1, ways: int = 5, image_size: int = 28
-) -> nn.Module:
-    """The conv-4 backbone of few-shot classification: 4 x [conv3x3, BatchNorm, ReLU, maxpool 2].
-
-    Args:
-        filters: Channels of every conv layer (MAML: 32 or 64).
-        in_channels: Input channels (1 for Omniglot, 3 for miniImageNet).
-        ways: Classes per task (output size).
-        image_size: Input height = width.
-    """
-    return _conv4(n_way=ways, in_channels=in_channels, hidden=filters, image_size=image_size)
 
 
 def regression_task(
