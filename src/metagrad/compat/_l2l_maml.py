@@ -13,7 +13,10 @@ every tensor (the compat layer's main cost on small models; see ``benchmarks/ben
     \theta' = \theta - \alpha \odot \nabla_\theta \mathcal{L}(\theta),
 
 with ``create_graph=not first_order``: a query loss on the clone back-propagates through the
-whole inner loop (second order: with the Hessian terms) into the root's parameters.
+whole inner loop (second order: with the Hessian terms) into the root's parameters. A second-order
+clone (``first_order=False``) runs its forward under
+:func:`metagrad.functional._attention.higher_order_attention` (attention on the math kernel:
+``adapt()`` differentiates that forward's backward, and the fused kernels have no double backward).
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from torch import Tensor, nn
 
 from metagrad._errors import translate_autograd_error
 from metagrad.compat._l2l_clone import refresh_rnn
+from metagrad.functional._attention import (
+    has_fused_attention,
+    higher_order_attention,
+    no_fused_inference,
+)
 from metagrad.functional._model import FunctionalModel, to_channels_last
 from metagrad.optim import LR
 
@@ -74,6 +82,7 @@ class _Plan:
             for i, m in enumerate(self.modules)
         ]
         self.channels_last = getattr(fm, "channels_last", None)
+        self.fused_attention = has_fused_attention(fm.source)
 
 
 def _structure_copy(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
@@ -254,11 +263,21 @@ class _FastWeights(nn.Module):
             return self._model()(*args, **kwargs)
         bound = self._bound if self._bound is not None else self._bind()
         self._point_buffers()
-        where = cast(_Plan, self._plan).channels_last
+        plan = cast(_Plan, self._plan)
+        where = plan.channels_last
         if where is not None and args and isinstance(args[0], Tensor):
             x = args[0]
             if where == "any" or x.device.type == "cpu":
                 args = (to_channels_last(x), *args[1:])
+        if not self.__dict__.get("first_order", True) and torch.is_grad_enabled():
+            # A second-order clone: adapt() will differentiate this forward's backward
+            # (create_graph=True), and the fused attention kernels have no double backward.
+            # adapt() comes too late to decide: the forward has already run by then.
+            with higher_order_attention():
+                return bound(*args, **kwargs)
+        if plan.fused_attention:  # nn.MultiheadAttention's eval fast path has no derivative
+            with no_fused_inference():
+                return bound(*args, **kwargs)
         return bound(*args, **kwargs)
 
     # -- the inner step -----------------------------------------------------------------------
