@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metagrad.algorithms import MAML, MetaSGD
+from metagrad.algorithms import MAML, MAMLpp, MetaSGD
 from metagrad.viz import TRACE_KEYS, inner_trace, plot_trace, write_trace_csv
 
 
@@ -71,3 +71,27 @@ def test_plot_png(tmp_path: Path) -> None:
     rows = inner_trace(MAML(torch.nn.Linear(2, 1), F.mse_loss, 0.2, 4), *_tasks())
     out = plot_trace(rows, tmp_path / "trace.png", title="adaptation")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("kind", ["maml", "mamlpp_bn"])
+def test_trace_is_the_loop_adapt_runs(kind: str) -> None:
+    """The last row is the state adapt() returns: same support and query losses, per task."""
+    torch.manual_seed(0)
+    if kind == "maml":
+        learner = MAML(torch.nn.Linear(2, 1).double(), F.mse_loss, 0.2, 3)
+        xs, ys, xq, yq = (t.double() for t in _tasks())
+    else:  # learned per-step rates, per-step BatchNorm weights and statistics
+        net = torch.nn.Sequential(
+            torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 1)
+        ).double()
+        learner = MAMLpp(net, F.mse_loss, 0.1, 3)
+        xs, ys, xq, yq = (t.double() for t in _tasks())
+    rows = inner_trace(learner, xs, ys, xq, yq, steps=3)
+    for t in range(xs.shape[0]):
+        params = learner.adapt(xs[t], ys[t], steps=3)
+        last = [r for r in rows if r["task"] == t][-1]
+        assert last["step"] == 3
+        support = float(F.mse_loss(learner.predict(params, xs[t]), ys[t]))
+        query = float(F.mse_loss(learner.predict(params, xq[t]), yq[t]))
+        assert math.isclose(last["support_loss"], support, rel_tol=1e-12, abs_tol=1e-14)
+        assert math.isclose(last["query_loss"], query, rel_tol=1e-12, abs_tol=1e-14)

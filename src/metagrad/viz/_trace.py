@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import csv
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from metagrad._compat import pytree
+from metagrad._typing import Params
 from metagrad.algorithms._base import UnrolledLearner, check_steps
+from metagrad.algorithms._task import InnerSpec, TaskHyper, TaskLoss, run_task, split, task_problem
+from metagrad.bilevel._inner import AutogradBackend, GradBackend
+from metagrad.bilevel._problem import Problem
 from metagrad.functional._checks import check_tasks
 
 __all__ = ["TRACE_KEYS", "inner_trace", "plot_trace", "write_trace_csv"]
@@ -37,6 +41,60 @@ def _mean_rate(rate: float | Tensor) -> float:
     return float(rate)
 
 
+class _RecordingBackend:
+    """The engine's autograd backend, keeping each step's iterate, support loss and gradient."""
+
+    def __init__(self, inner: GradBackend) -> None:
+        self.inner = inner
+        self.records: list[tuple[Params, Tensor, Params]] = []
+
+    def __call__(
+        self, f: Callable[[Params], Tensor], w: Params, step: int
+    ) -> tuple[Params, Tensor]:
+        grads, loss = self.inner(f, w, step)
+        self.records.append(({n: v.detach() for n, v in w.items()}, loss.detach(), grads))
+        return grads, loss
+
+
+def _support_at(
+    problem: Problem, h: TaskHyper, support: tuple[Tensor, Tensor], step: int, w: Params
+) -> Tensor:
+    return problem.call_inner(w, h, support, step)
+
+
+def _rows(
+    task: int,
+    records: list[tuple[Params, Tensor, Params]],
+    spec: InnerSpec,
+    extra: Params,
+    objective: TaskLoss,
+    h: TaskHyper,
+    query: tuple[Tensor, Tensor],
+) -> list[dict[str, Any]]:
+    """One row per recorded state ``t_k`` (the last record is the adapted parameters)."""
+    rows = []
+    steps = len(records) - 1
+    for k, (w, loss, grads) in enumerate(records):
+        with torch.no_grad():
+            query_loss = float(objective(w, h, query, k))
+        row: dict[str, Any] = {
+            "task": task,
+            "step": k,
+            "support_loss": float(loss),
+            "query_loss": query_loss,
+            "grad_norm": math.sqrt(sum(float(g.detach().pow(2).sum()) for g in grads.values())),
+            "step_size": math.nan,
+            "update_norm": math.nan,
+        }
+        if k < steps:
+            rates = [_mean_rate(spec.lr_rule(extra, k, n)) for n in w]
+            row["step_size"] = sum(rates) / max(len(rates), 1)
+            nxt = records[k + 1][0]
+            row["update_norm"] = math.sqrt(sum(float((nxt[n] - w[n]).pow(2).sum()) for n in w))
+        rows.append(row)
+    return rows
+
+
 def inner_trace(
     learner: UnrolledLearner,
     xs: Tensor,
@@ -47,8 +105,10 @@ def inner_trace(
 ) -> list[dict[str, Any]]:
     r"""Record the learner's inner loop on each task: one row per task and state :math:`t_k`.
 
-    The loop is the learner's own (its inner optimizer, adapted parameters and learning-rate rule,
-    so Meta-SGD / MAML++ learned rates are reported), run without a meta-graph.
+    The loop is the learner's own, run by the engine exactly as :meth:`learner.adapt` runs it
+    (its inner optimizer, adapted parameters, learning-rate rule, per-step parameters and
+    buffers, so Meta-SGD / MAML++ learned rates are reported), with a gradient backend that
+    records each step; no meta-graph is kept.
 
     Row ``k`` (``k = 0 .. steps``) describes the parameters after ``k`` inner steps:
     ``support_loss`` and ``query_loss`` at :math:`t_k`, ``grad_norm`` :math:`\|\nabla L_s(t_k)\|`
@@ -87,50 +147,24 @@ def inner_trace(
     first = next(iter(fm.params().values()))
     xs, ys, xq, yq = check_tasks(_FN, xs, ys, xq, yq, first.dtype, first.device)
     steps = learner.default_eval_steps() if steps is None else check_steps(_FN, "steps", steps)
+    # What learner.adapt() runs: evaluation spec, first order, detached meta-parameters.
     spec = learner.inner_spec(steps, 1, training=False)
+    objective = learner.objective
+    problem = task_problem(spec, objective)
     extra = {k: v.detach() for k, v in learner.extra_params().items()}
     fm.sync_modes()
     buffers = fm.buffers()
     rows: list[dict[str, Any]] = []
     for task in range(xs.shape[0]):
-        theta = {k: v.detach() for k, v in fm.params().items()}
-        adapted = {n: theta[n].requires_grad_() for n in spec.adapt_names}
-        fixed = {n: t for n, t in theta.items() if n not in adapted}
-        state = spec.optimizer.init(adapted)
-        for k in range(steps + 1):
-            full = {**fixed, **adapted}
-            if spec.step_params is not None:
-                full.update(spec.step_params(extra, k))
-            with torch.enable_grad():
-                loss = learner.loss_fn(fm.forward(full, buffers, xs[task]), ys[task])
-                raw = torch.autograd.grad(loss, list(adapted.values()), allow_unused=True)
-            grads = {
-                n: torch.zeros_like(p) if g is None else g
-                for (n, p), g in zip(adapted.items(), raw)
-            }
-            with torch.no_grad():
-                query = float(learner.loss_fn(fm.forward(full, buffers, xq[task]), yq[task]))
-            grad_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
-            row: dict[str, Any] = {
-                "task": task,
-                "step": k,
-                "support_loss": float(loss.detach()),
-                "query_loss": query,
-                "grad_norm": grad_norm,
-                "step_size": math.nan,
-                "update_norm": math.nan,
-            }
-            if k < steps:
-                lrs = {n: spec.lr_rule(extra, k, n) for n in adapted}
-                row["step_size"] = sum(_mean_rate(r) for r in lrs.values()) / max(len(lrs), 1)
-                with torch.no_grad():
-                    new, state = spec.optimizer.update(grads, state, adapted, k, lrs)
-                row["update_norm"] = math.sqrt(
-                    sum(float((new[n] - adapted[n]).detach().pow(2).sum()) for n in adapted)
-                )
-                adapted = {n: t.detach().requires_grad_() for n, t in new.items()}
-                state = pytree.tree_map(lambda t: t.detach(), state)
-            rows.append(row)
+        theta = {k: v.detach().requires_grad_() for k, v in fm.params().items()}
+        support = (xs[task], ys[task])
+        backend = _RecordingBackend(AutogradBackend(problem, task, create_graph=False))
+        with torch.enable_grad():
+            _, final = run_task(objective, spec, backend, theta, extra, buffers, *support)
+            _, h = split(spec, theta, extra, buffers)
+            last = {n: final[n] for n in spec.adapt_names}
+            backend(functools.partial(_support_at, problem, h, support, steps), last, steps)
+        rows += _rows(task, backend.records, spec, extra, objective, h, (xq[task], yq[task]))
     return rows
 
 
