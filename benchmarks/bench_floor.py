@@ -44,7 +44,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 import metagrad as mg
-import metagrad.functional._model as fm_module
+import metagrad.functional._rewrites as fm_module
 from _peers import _nhwc, plain_loop
 from _workloads import image_tasks, meta_workloads, peer_copy
 from metagrad.models import conv4

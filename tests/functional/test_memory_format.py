@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 import metagrad as mg
 from metagrad.functional import FunctionalModel
-from metagrad.functional._model import pool_before_relu, to_channels_last
+from metagrad.functional._rewrites import pool_before_relu, to_channels_last
 
 F64 = torch.float64
 
@@ -114,13 +114,20 @@ def test_channels_last_meta_gradient_equals_nchw_in_float64(steps: int) -> None:
 def test_pool_before_relu_swaps_pairs_and_keeps_the_function() -> None:
     torch.manual_seed(1)
     model = MODELS["conv_bn"]().train()
-    fm = FunctionalModel.from_module(model, memory_format="preserve")
+    fm = FunctionalModel.from_module(model, memory_format="channels_last")
     kinds = [type(m).__name__ for m in fm.template]
-    assert kinds[:4] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
-    assert kinds[4:8] == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"]
+    assert kinds[2:4] == ["MaxPool2d", "ReLU"]
+    assert kinds[6:8] == ["MaxPool2d", "ReLU"]
     assert [type(m).__name__ for m in model][2:4] == ["ReLU", "MaxPool2d"]  # user's untouched
     x = torch.randn(6, 1, 8, 8, dtype=F64)
     torch.testing.assert_close(fm.forward(fm.params(), fm.buffers(), x), model(x))
+
+
+def test_preserve_turns_every_rewrite_off() -> None:
+    model = MODELS["conv_bn"]().train()
+    fm = FunctionalModel.from_module(model, memory_format="preserve")
+    assert fm.channels_last is None
+    assert [type(m) for m in fm.template] == [type(m) for m in model]  # layer for layer
 
 
 def test_pool_before_relu_leaves_hooked_modules_alone() -> None:

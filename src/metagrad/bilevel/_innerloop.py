@@ -27,12 +27,9 @@ from torch.func import functional_call
 
 from metagrad._typing import Buffers, Params
 from metagrad.bilevel._diffopt import DiffOptimizer
-from metagrad.functional._attention import (
-    has_fused_attention,
-    higher_order_attention,
-    no_fused_inference,
-)
+from metagrad.functional._attention import higher_order_attention, no_fused_inference
 from metagrad.functional._model import FunctionalModel
+from metagrad.functional._rewrites import needs_math_attention
 from metagrad.optim._base import Optimizer
 from metagrad.optim._convert import from_torch
 
@@ -200,7 +197,7 @@ class FastModel:
             if tpl_buffers[id(t)] in self._buffers
         ]
         self._refresh_buffer_keys()
-        self._fused_attention = has_fused_attention(template)
+        self._fused_attention = needs_math_attention(template)
         self._tpl_of = {id(u): t for u, t in fm._mode_pairs}
         self._param_name = {id(p): n for n, p in named}
         self._buffer_name = {id(b): n for n, b in module.named_buffers()}

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextvars
 import copy
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,11 +38,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metagrad._compat import is_functorch_wrapped
 from metagrad._typing import Buffers, Params
-from metagrad.functional._attention import has_fused_attention, no_fused_inference
-from metagrad.functional._fastbn import use_batch_stats_norm
+from metagrad.functional._attention import no_fused_inference
 from metagrad.functional._locate import active_recording, run_recorded
+from metagrad.functional._rewrites import (
+    MEMORY_FORMATS,
+    needs_math_attention,
+    rewrite_template,
+    to_channels_last,
+)
 
 BN_POLICIES = ("transductive", "running")
 
@@ -54,7 +57,6 @@ Recorder = list[tuple[str, int, Tensor, Tensor]]
 _RECORDING: contextvars.ContextVar[tuple[Recorder, int] | None] = contextvars.ContextVar(
     "metagrad_recording", default=None
 )
-MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 
 _NORM_WITH_STATS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # Modules whose math is safe and fast to vmap over tasks (``strategy="auto"`` reads this; see algorithms._task.resolve_strategy).
@@ -122,8 +124,8 @@ class FunctionalModel:
     def __post_init__(self) -> None:
         # forward() runs per inner step per task: look buffer names up in a set built once.
         self._buffer_set = frozenset(self.buffer_names)
-        # nn.MultiheadAttention's fused inference path has no derivative (functional/_attention).
-        self._fused_attention = has_fused_attention(self.template)
+        # nn.MultiheadAttention's fused inference path has no derivative (see _rewrites).
+        self._fused_attention = needs_math_attention(self.template)
 
     @classmethod
     def from_module(
@@ -167,16 +169,11 @@ class FunctionalModel:
         frozen = [k for k, p in named.items() if not p.requires_grad]
         buffer_names = [k for k, _ in module.named_buffers() if k not in dropped]
         pairs = list(zip(module.modules(), template.modules()))
-        pool_before_relu(template)  # after pairing: it reorders the template's modules
+        # After pairing: the rewrites reorder and replace the template's modules.
+        channels_last = rewrite_template(module, template, memory_format)
         fm = cls(module, template, trainable, frozen, buffer_names, bn, pairs)
         fm.fn_name = fn_name
-        if memory_format == "channels_last":
-            fm.channels_last = "any"
-        elif memory_format == "auto" and _stock_conv2d_net(module):
-            fm.channels_last = "cpu"
-        if fm.channels_last is not None:
-            # PyTorch's BatchNorm double backward is ~20x slow on NHWC (see _fastbn).
-            use_batch_stats_norm(template)
+        fm.channels_last = channels_last
         return fm
 
     def params(self) -> Params:
@@ -314,70 +311,6 @@ def _float16_autocast(x: Tensor) -> bool:
     if torch.compiler.is_compiling() or not torch.is_autocast_enabled(device):
         return False
     return torch.get_autocast_dtype(device) == torch.float16
-
-
-def pool_before_relu(module: nn.Module) -> int:
-    """Swap every ``ReLU -> MaxPool`` pair of an ``nn.Sequential`` to ``MaxPool -> ReLU``.
-
-    ``max(relu(a)) = relu(max(a))`` because ReLU is non-decreasing, and the derivatives agree
-    wherever they exist (at a tie on 0 both give 0), so the function and its meta-gradient
-    are unchanged while the ReLU, its backward and its double backward touch a quarter of the
-    elements (2x2 pool). Pairs with hooks (which would see other tensors) are left alone.
-    Returns the number of swaps.
-    """
-    swaps = 0
-    for seq in module.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        keys = list(seq._modules)
-        for a, b in itertools.pairwise(keys):
-            relu, pool = seq._modules[a], seq._modules[b]
-            if (
-                type(relu) is nn.ReLU
-                and isinstance(pool, nn.modules.pooling._MaxPoolNd)
-                and not pool.return_indices
-                and not _has_hooks(relu)
-                and not _has_hooks(pool)
-            ):
-                seq._modules[a], seq._modules[b] = pool, relu
-                swaps += 1
-    return swaps
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
-
-
-def _stock_conv2d_net(module: nn.Module) -> bool:
-    """A ``Conv2d`` inside, and nothing but ``torch.nn`` classes (no custom ``forward``)."""
-    mods = list(module.modules())
-    return any(isinstance(m, nn.Conv2d) for m in mods) and all(
-        type(m).__module__.startswith("torch.nn.") for m in mods
-    )
-
-
-def to_channels_last(x: Tensor) -> Tensor:
-    """``x`` with NHWC strides that no kernel can read as NCHW; other tensors unchanged.
-
-    ``contiguous(memory_format=channels_last)`` leaves a one-channel image batch with NCHW
-    strides (both layouts are the same memory when C = 1), and oneDNN then picks NCHW for the
-    whole network. The same memory viewed with explicit NHWC strides removes the ambiguity.
-    Tensors under ``torch.func`` transforms, tensors that require grad and non-float or
-    non-4-D tensors are returned as they are.
-    """
-    if (
-        x.dim() != 4
-        or not x.is_floating_point()
-        or x.requires_grad
-        or is_functorch_wrapped(x)
-        or torch.compiler.is_compiling()
-    ):
-        return x
-    _, c, h, w = x.shape
-    x = x.contiguous(memory_format=torch.channels_last)
-    nhwc = (h * w * c, 1, w * c, c)
-    # Contiguous in NHWC already, so these strides address exactly the same elements.
-    return x if x.stride() == nhwc else x.as_strided(x.shape, nhwc)
 
 
 def _wrong_under_vmap_double_backward(m: nn.Module) -> bool:
