@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from metagrad import optim
 from metagrad._tree import tree_flatten_vector, tree_unflatten_vector
+from metagrad._typing import Params
 from metagrad.algorithms._maml import MAML
 from metagrad.algorithms._task import meta_gradient, resolve_strategy
 from metagrad.functional._attention import attention_for
@@ -141,6 +142,80 @@ def reference_meta_gradient(
     return {k: (torch.zeros_like(v) if g is None else g) for (k, v), g in zip(leaves.items(), gs)}
 
 
+def _check_arguments(learner: object, directions: int, step: float) -> None:
+    if not isinstance(learner, MAML):
+        raise TypeError(
+            f"metagrad.check_meta_gradient: learner must be a metagrad.MAML-family learner, got "
+            f"{type(learner).__name__}; Reptile's update is not the gradient of a loss, so there is "
+            f"nothing to check against finite differences."
+        )
+    if directions < 1:
+        raise ValueError(f"metagrad.check_meta_gradient: directions={directions} must be >= 1.")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf:
+        raise ValueError(
+            f"metagrad.check_meta_gradient: step={step!r} must be a finite number > 0 (the "
+            f"central-difference step h, e.g. 1e-5); with h = 0 every difference is 0 and the "
+            f"check would compare nothing."
+        )
+
+
+_Tasks = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _grad_vector(
+    ln: MAML, theta: Params, extra: Params, like: dict[str, Tensor], tasks: _Tasks, order: int
+) -> Tensor:
+    """The engine's meta-gradient at ``order``, flattened in the order of ``like``."""
+    spec = ln.inner_spec(ln.inner_steps, order, training=True)
+    res = meta_gradient(
+        ln.objective, spec, theta, extra, tasks, strategy=ln.strategy, extra_names=ln._extra_names
+    )
+    return _flat(res.grads, like)
+
+
+def _fd_error(
+    ln: MAML,
+    theta: Params,
+    extra: Params,
+    like: dict[str, Tensor],
+    tasks: _Tasks,
+    g2: Tensor,
+    directions: int,
+    step: float,
+    seed: int,
+) -> float:
+    """Largest relative error of ``g2 . d`` against central differences over random ``d``."""
+    spec = ln.inner_spec(ln.inner_steps, 2, training=True)
+    gen = torch.Generator().manual_seed(seed)
+
+    def value_at(d: Tensor, h: float) -> Tensor:
+        shift = cast(dict[str, Tensor], tree_unflatten_vector(h * d, like))
+        for k, v in like.items():
+            v.add_(shift[k])
+        try:
+            return meta_gradient(
+                ln.objective, spec, theta, extra, tasks, strategy=ln.strategy, need_grad=False
+            ).loss
+        finally:
+            for k, v in like.items():
+                v.sub_(shift[k])
+
+    fd_err = 0.0
+    with torch.no_grad():
+        for _ in range(directions):
+            d = torch.randn(g2.numel(), generator=gen, dtype=torch.float64)
+            d /= d.norm()
+            an = float(g2 @ d)
+            # ReLU/max-pool losses are piecewise smooth: a step that crosses a kink spoils one
+            # difference quotient but rarely three step sizes, so keep the best of h, h/10, h/100.
+            errs = []
+            for h in (step, step / 10, step / 100):
+                fd = float((value_at(d, h) - value_at(d, -h)) / (2 * h))
+                errs.append(abs(an - fd) / max(abs(fd), abs(an), 1e-12))
+            fd_err = max(fd_err, min(errs))
+    return fd_err
+
+
 def check_meta_gradient(
     learner: MAML,
     xs: Tensor,
@@ -172,20 +247,7 @@ def check_meta_gradient(
     Raises:
         TypeError: ``learner`` is not a MAML-family learner (Reptile has no loss gradient).
     """
-    if not isinstance(learner, MAML):
-        raise TypeError(
-            f"metagrad.check_meta_gradient: learner must be a metagrad.MAML-family learner, got "
-            f"{type(learner).__name__}; Reptile's update is not the gradient of a loss, so there is "
-            f"nothing to check against finite differences."
-        )
-    if directions < 1:
-        raise ValueError(f"metagrad.check_meta_gradient: directions={directions} must be >= 1.")
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf:
-        raise ValueError(
-            f"metagrad.check_meta_gradient: step={step!r} must be a finite number > 0 (the "
-            f"central-difference step h, e.g. 1e-5); with h = 0 every difference is 0 and the "
-            f"check would compare nothing."
-        )
+    _check_arguments(learner, directions, step)
     ln = copy.deepcopy(learner).double().train()
     ln.check_finite = True
 
@@ -199,52 +261,11 @@ def check_meta_gradient(
         **{f"module.{k}": v for k, v in theta.items()},
         **{ln._extra_names[k]: v for k, v in extra.items()},
     }
-
-    def grad_of(o: int) -> Tensor:
-        spec_o = ln.inner_spec(ln.inner_steps, o, training=True)
-        res = meta_gradient(
-            ln.objective,
-            spec_o,
-            theta,
-            extra,
-            tasks,
-            strategy=ln.strategy,
-            extra_names=ln._extra_names,
-        )
-        return _flat(res.grads, like)
-
     # Finite differences test the exact gradient (first order is not the loss's gradient); the
     # unrolled reference tests the learner's own order.
-    g1, g2 = grad_of(1), grad_of(2)
+    g1, g2 = (_grad_vector(ln, theta, extra, like, tasks, o) for o in (1, 2))
     g = g2 if order == 2 else g1
-    spec = ln.inner_spec(ln.inner_steps, 2, training=True)
-    gen = torch.Generator().manual_seed(seed)
-
-    def value_at(d: Tensor, h: float) -> Tensor:
-        shift = cast(dict[str, Tensor], tree_unflatten_vector(h * d, like))
-        for k, v in like.items():
-            v.add_(shift[k])
-        try:
-            return meta_gradient(
-                ln.objective, spec, theta, extra, tasks, strategy=ln.strategy, need_grad=False
-            ).loss
-        finally:
-            for k, v in like.items():
-                v.sub_(shift[k])
-
-    fd_err = 0.0
-    with torch.no_grad():
-        for _ in range(directions):
-            d = torch.randn(g2.numel(), generator=gen, dtype=torch.float64)
-            d /= d.norm()
-            an = float(g2 @ d)
-            # ReLU/max-pool losses are piecewise smooth: a step that crosses a kink spoils one
-            # difference quotient but rarely three step sizes, so keep the best of h, h/10, h/100.
-            errs = []
-            for h in (step, step / 10, step / 100):
-                fd = float((value_at(d, h) - value_at(d, -h)) / (2 * h))
-                errs.append(abs(an - fd) / max(abs(fd), abs(an), 1e-12))
-            fd_err = max(fd_err, min(errs))
+    fd_err = _fd_error(ln, theta, extra, like, tasks, g2, directions, step, seed)
 
     ref = reference_meta_gradient(ln, tasks, order)
     ref_err = None

@@ -207,40 +207,12 @@ def jacobian_of(
     # cols[j][i] is row i of the block for input leaf j (flattened).
     cols: list[list[Tensor]] = [[] for _ in in_leaves]
     if flat.requires_grad:
-        # Rows in chunks, each one batched reverse pass (``is_grads_batched`` vmaps the backward):
-        # ~25x faster than one pass per row on a 1761-parameter MLP. Ops without a batching rule
-        # fall back to the row-by-row loop.
+        # Rows in chunks, each one batched reverse pass (see BENCHMARKS.md for the gain).
         chunk = max(1, min(m, 2048))
         eye = torch.eye(m, dtype=flat.dtype, device=flat.device)
         for start in range(0, m, chunk):
             basis = eye[start : start + chunk]
-            try:
-                grads = torch.autograd.grad(
-                    flat,
-                    in_leaves,
-                    grad_outputs=basis,
-                    retain_graph=True,
-                    create_graph=create_graph,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-                rows = [None if g is None else list(g.unbind(0)) for g in grads]
-            except RuntimeError:
-                per_row = [
-                    torch.autograd.grad(
-                        flat,
-                        in_leaves,
-                        grad_outputs=b,
-                        retain_graph=True,
-                        create_graph=create_graph,
-                        allow_unused=True,
-                    )
-                    for b in basis
-                ]
-                rows = [
-                    None if per_row[0][j] is None else [r[j] for r in per_row]  # type: ignore[misc]
-                    for j in range(len(in_leaves))
-                ]
+            rows = _jacobian_rows(flat, in_leaves, basis, create_graph)
             if start == 0 and not allow_unused:
                 raise_if_unused(fn_name, xs, [None if r is None else r[0] for r in rows])
             for j, t in enumerate(in_leaves):
@@ -248,11 +220,53 @@ def jacobian_of(
                 cols[j].extend([torch.zeros_like(t)] * basis.shape[0] if r is None else r)
     elif m and not allow_unused:
         raise_if_unused(fn_name, xs, [None] * len(in_leaves))
-
     blocks = [
         torch.stack([r.reshape(-1) for r in rows]) if rows else t.new_zeros((m, t.numel()))
         for t, rows in zip(in_leaves, cols, strict=True)
     ]
+    return _split_blocks(blocks, out, xs)
+
+
+def _jacobian_rows(
+    flat: Tensor, in_leaves: list[Tensor], basis: Tensor, create_graph: bool
+) -> list[list[Tensor] | None]:
+    """Rows ``basis @ J`` per input leaf (None: the leaf does not reach ``flat``).
+
+    One batched reverse pass (``is_grads_batched`` vmaps the backward); ops without a batching
+    rule fall back to one pass per row.
+    """
+    try:
+        grads = torch.autograd.grad(
+            flat,
+            in_leaves,
+            grad_outputs=basis,
+            retain_graph=True,
+            create_graph=create_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        return [None if g is None else list(g.unbind(0)) for g in grads]
+    except RuntimeError:
+        per_row = [
+            torch.autograd.grad(
+                flat,
+                in_leaves,
+                grad_outputs=b,
+                retain_graph=True,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+            for b in basis
+        ]
+        return [
+            None if per_row[0][j] is None else [r[j] for r in per_row]  # type: ignore[misc]
+            for j in range(len(in_leaves))
+        ]
+
+
+def _split_blocks(blocks: list[Tensor], out: TensorTree, xs: TensorTree) -> DenseDerivative:
+    """Cut the ``[m, n_j]`` blocks into one ``out_leaf.shape + x_leaf.shape`` piece per pair."""
+    out_leaves, in_leaves = tree_leaves(out), tree_leaves(xs)
 
     def block(k0: int, o: Tensor, j: int) -> Tensor:
         return blocks[j][k0 : k0 + o.numel()].reshape(o.shape + in_leaves[j].shape)
