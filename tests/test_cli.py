@@ -174,3 +174,34 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, capsys) -> Non
     with pytest.raises(KeyError):
         cli.main(["--debug", "explain"])
     assert "METAGRAD_DEBUG" not in __import__("os").environ  # nothing leaks into later calls
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["check", "--inner-steps", "-1"], "argument --inner-steps: expected an integer >= 0"),
+        (["check", "--seed", "x"], "argument --seed: expected an integer"),
+        (["graph", "--seed", "-1"], "argument --seed: expected an integer >= 0"),
+    ],
+)
+def test_integer_flags_use_the_shared_parsers(
+    capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    assert expected in _usage_error(capsys, argv)
+
+
+def test_check_offers_every_strategy_and_shows_the_factory_form(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from metagrad.algorithms._task import STRATEGIES
+    from metagrad.cli import build_parser
+
+    assert build_parser().parse_args(["check", "--strategy", "checkpoint"]).strategy == "checkpoint"
+    assert "checkpoint" in STRATEGIES
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    assert "pkg.mod:build(hidden=32)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_quiet_and_verbose_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "not allowed with" in _usage_error(capsys, ["--quiet", "--verbose", "explain"])

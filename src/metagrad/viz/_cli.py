@@ -88,7 +88,7 @@ def add_graph_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     model.add_argument("--channels", type=_count, default=1, help="conv4 input channels (1)")
     model.add_argument("--input-shape", type=shape, default=(1,), metavar="D1,D2,...")
     model.add_argument("--loss", choices=("mse", "ce"), default="mse", help="for module:fn")
-    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--seed", type=int_at_least(0), default=0)
     handler = functools.partial(run_graph, parser=p)
     p.set_defaults(handler=handler, func=handler)
 
