@@ -142,6 +142,44 @@ class MAML(UnrolledLearner):
         check_finite: bool = True,
     ) -> None:
         super().__init__(model, loss_fn, bn, memory_format)
+        self._init_settings(
+            inner_lr, inner_steps, order, eval_steps, inner_optimizer, learn_inner_lr,
+            multi_step_loss, msl_anneal_steps, first_order_steps, strategy, compile,
+            allow_unused, check_finite,
+        )  # fmt: skip
+        self.register_buffer("meta_step", torch.zeros((), dtype=torch.long))
+        self.cache = Cache()  # compiled meta-gradients and one-time checks of this learner
+
+        live = self.fmodel.params()
+        norm_params = self._per_step_norm_params(model, per_step_bn)
+        self.per_step_bn = bool(per_step_bn)
+        candidates = [n for n in self.fmodel.trainable if n not in norm_params]
+        self.adapt_names = tuple(select_names(candidates, adapt, self.fn_name, "adapt"))
+        # Learned tensors live in this module (so learner.parameters() / state_dict() see them);
+        # _extra_keys maps the engine's flat names to them.
+        self._extra_keys: dict[str, tuple[str, str]] = {}
+        self._init_learned_rates(live)
+        self._init_step_norm(model, norm_params, live, bn, strategy)
+        self._extra_names = {k: f"{d}.{key}" for k, (d, key) in self._extra_keys.items()}
+
+    # -- construction, in parts ------------------------------------------------------------
+    def _init_settings(
+        self,
+        inner_lr: float,
+        inner_steps: int,
+        order: int,
+        eval_steps: int | None,
+        inner_optimizer: str | optim.Optimizer,
+        learn_inner_lr: str | None,
+        multi_step_loss: bool,
+        msl_anneal_steps: int,
+        first_order_steps: int,
+        strategy: str,
+        compile: bool | str | Callable[..., Any],
+        allow_unused: bool,
+        check_finite: bool,
+    ) -> None:
+        """Validate and store the scalar settings (a ValueError/TypeError names the fix)."""
         fn = self.fn_name
         self.inner_lr = check_lr(fn, inner_lr)
         self.inner_steps = check_steps(fn, "inner_steps", inner_steps)
@@ -181,35 +219,31 @@ class MAML(UnrolledLearner):
         resolve_strategy(strategy, self.fmodel, fn, order)
         self.allow_unused = bool(allow_unused)
         self.check_finite = bool(check_finite)
-        self.register_buffer("meta_step", torch.zeros((), dtype=torch.long))
-        self.cache = Cache()  # compiled meta-gradients and one-time checks of this learner
 
+    def _per_step_norm_params(self, model: nn.Module, per_step_bn: bool) -> list[str]:
+        """The trainable normalization weights that get one copy per inner step (MAML++ BNWB)."""
+        if not per_step_bn:
+            return []
+        mods = norm_module_names(model)
         trainable = self.fmodel.trainable
-        live = self.fmodel.params()
-        norm_params: list[str] = []
-        if per_step_bn:
-            mods = norm_module_names(model)
-            norm_params = [n for n in trainable if any(n.startswith(m + ".") for m in mods)]
-            if not norm_params:
-                raise ValueError(
-                    f"{fn}: per_step_bn=True but the model has no trainable normalization "
-                    f"weights (BatchNorm/LayerNorm/GroupNorm with affine=True)."
-                )
-        self.per_step_bn = bool(per_step_bn)
-        candidates = [n for n in trainable if n not in norm_params]
-        self.adapt_names = tuple(select_names(candidates, adapt, fn, "adapt"))
+        norm_params = [n for n in trainable if any(n.startswith(m + ".") for m in mods)]
+        if not norm_params:
+            raise ValueError(
+                f"{self.fn_name}: per_step_bn=True but the model has no trainable normalization "
+                f"weights (BatchNorm/LayerNorm/GroupNorm with affine=True)."
+            )
+        return norm_params
 
-        # Learned tensors live in this module (so learner.parameters() / state_dict() see them);
-        # _extra_keys maps the engine's flat names to them.
-        self._extra_keys: dict[str, tuple[str, str]] = {}
+    def _init_learned_rates(self, live: Params) -> None:
+        """Meta-SGD per-parameter rates or MAML++ per-step rates (LSLR), as meta-parameters."""
         self.inner_lrs = nn.ParameterDict()
-        if learn_inner_lr == "per_param":
+        if self.learn_inner_lr == "per_param":
             for n in self.adapt_names:
                 self.inner_lrs[_san(n)] = nn.Parameter(
                     torch.full_like(live[n].detach(), self.inner_lr)
                 )
                 self._extra_keys[f"lr.{n}"] = ("inner_lrs", _san(n))
-        elif learn_inner_lr == "per_step":
+        elif self.learn_inner_lr == "per_step":
             p0 = live[self.adapt_names[0]]
             for n in self.adapt_names:
                 size = max(self.inner_steps, self.eval_steps, 1)
@@ -217,6 +251,12 @@ class MAML(UnrolledLearner):
                     torch.full((size,), self.inner_lr, dtype=p0.dtype, device=p0.device)
                 )
                 self._extra_keys[f"lr.{n}"] = ("inner_lrs", _san(n))
+
+    def _init_step_norm(
+        self, model: nn.Module, norm_params: list[str], live: Params, bn: str, strategy: str
+    ) -> None:
+        """Per-step normalization weights and, with ``bn="running"``, per-step statistics."""
+        fn = self.fn_name
         self.step_norm = nn.ParameterDict()
         self._norm_params = tuple(norm_params)
         for k in range(max(self.inner_steps, self.eval_steps) + 1 if norm_params else 0):
@@ -241,7 +281,6 @@ class MAML(UnrolledLearner):
                         src = bufs[f"{m}.running_{stat}"].detach().clone()
                         self.register_buffer(f"step_stats_s{k}__{_san(m)}__{stat}", src)
             self.fmodel.enable_stat_recording()
-        self._extra_names = {k: f"{d}.{key}" for k, (d, key) in self._extra_keys.items()}
 
     # -- engine hooks ----------------------------------------------------------------------
     def make_objective(self) -> TaskLoss:

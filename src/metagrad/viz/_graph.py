@@ -256,6 +256,10 @@ def meta_graph(
     return _classify(objective, final, backend.records, theta, extra, spec, order, title)
 
 
+_Named = dict[int, tuple[str, str, str, int | None]]
+"""Named nodes by ``id``: (kind, label, parameter name, step)."""
+
+
 def _classify(
     objective: Tensor,
     final: Params,
@@ -270,19 +274,38 @@ def _classify(
     live = [r for r in roots if r is not None]
     everything = _walk(live)
     topo = _postorder(live)
+    after = [r.params for r in records[1:]] + [final]
+    named = _named_nodes(everything, objective, records, after, theta, extra, spec)
+    phase, second = _phases(records, after, topo, named)
+    module = _modules(topo, named)
+    ids = {id(node): f"n{k}" for k, node in enumerate(topo)}
+    nodes, edges = _nodes_and_edges(objective, topo, ids, named, phase, second, module)
+    extra_edges: list[tuple[str, str]] = []
+    if order == 1:
+        extra_edges = _cut_gradients(records, everything, ids, named, nodes, edges)
+    return MetaGraph(nodes, edges, extra_edges, order, title)
 
+
+def _named_nodes(
+    everything: dict[int, Node],
+    objective: Tensor,
+    records: list[_StepRecord],
+    after: list[Params],
+    theta: Params,
+    extra: Params,
+    spec: InnerSpec,
+) -> _Named:
+    """Meta-parameters, fast weights of each step, support losses and the meta-loss."""
     leaf_names = {id(t): (PARAM, n) for n, t in theta.items()}
     leaf_names.update({id(t): (EXTRA, n) for n, t in extra.items()})
 
-    # Named nodes: (kind, label, name, step).
-    named: dict[int, tuple[str, str, str, int | None]] = {}
+    named: _Named = {}
     for node in everything.values():
         var = getattr(node, "variable", None)
         if isinstance(var, Tensor):
             kind, name = leaf_names.get(id(var), (PARAM, "leaf"))
             sub = "learned (meta-parameter)" if kind == EXTRA else "meta-parameter"
             named[id(node)] = (kind, f"{name}\n{sub} {_shape(var)}", name, None)
-    after = [r.params for r in records[1:]] + [final]
     for k, params in enumerate(after, start=1):
         for n in spec.adapt_names:
             fn = params[n].grad_fn
@@ -304,7 +327,13 @@ def _classify(
             label = f"meta-loss: weighted query losses\n({objective.grad_fn.name()})"
         named[id(objective.grad_fn)] = (QUERY_LOSS, label, "", None)
 
-    # Phases by provenance.
+    return named
+
+
+def _phases(
+    records: list[_StepRecord], after: list[Params], topo: list[Node], named: _Named
+) -> tuple[dict[int, tuple[str, int | None]], set[int]]:
+    """Each op's phase by provenance, and the set of second-order (create_graph) ops."""
     phase: dict[int, tuple[str, int | None]] = {}
     second: set[int] = set()
     for k, r in enumerate(records):
@@ -325,7 +354,11 @@ def _classify(
         if any(nxt is not None and id(nxt) in second for nxt, _ in node.next_functions):
             second.add(i)
 
-    # Module attribution: named nodes by their parameter; ops inherit from a (named) input.
+    return phase, second
+
+
+def _modules(topo: list[Node], named: _Named) -> dict[int, str]:
+    """Module attribution: named nodes by their parameter; ops inherit from a (named) input."""
     module: dict[int, str] = {}
     for node in topo:
         i = id(node)
@@ -338,7 +371,19 @@ def _classify(
         ]
         module[i] = module[pick[0]] if pick else ""
 
-    ids = {id(node): f"n{k}" for k, node in enumerate(topo)}
+    return module
+
+
+def _nodes_and_edges(
+    objective: Tensor,
+    topo: list[Node],
+    ids: dict[int, str],
+    named: _Named,
+    phase: dict[int, tuple[str, int | None]],
+    second: set[int],
+    module: dict[int, str],
+) -> tuple[dict[str, GraphNode], dict[tuple[str, str], bool]]:
+    """Graph nodes (ops and named nodes) and edges, each marked second order or not."""
     nodes: dict[str, GraphNode] = {}
     for node in topo:
         i = id(node)
@@ -364,27 +409,37 @@ def _classify(
             src, dst = ids[id(nxt)], ids[id(node)]
             edges[(src, dst)] = nodes[src].second_order or nodes[dst].second_order or reused
 
-    # First order: the inner gradient enters the update as a constant; draw where it was cut.
+    return nodes, edges
+
+
+def _cut_gradients(
+    records: list[_StepRecord],
+    everything: dict[int, Node],
+    ids: dict[int, str],
+    named: _Named,
+    nodes: dict[str, GraphNode],
+    edges: dict[tuple[str, str], bool],
+) -> list[tuple[str, str]]:
+    """First order: the inner gradient enters the update as a constant; draw where it was cut."""
     extra_edges: list[tuple[str, str]] = []
-    if order == 1:
-        loss_ids = {r.step: ids[id(r.loss.grad_fn)] for r in records if r.loss.grad_fn}
-        for i, (kind, _, name, step) in named.items():
-            if kind != FAST or step is None or i not in ids:
-                continue
-            fast = everything[i]
-            if any(nxt is None for nxt, _ in fast.next_functions):
-                pid = f"{ids[i]}_g"
-                nodes[pid] = GraphNode(
-                    pid,
-                    DETACHED,
-                    f"dL_s/d{name} (step {step - 1})\nconstant: detached",
-                    False,
-                    f"update {step - 1}",
-                    _module_of(name),
-                    step,
-                    ["detached"],
-                )
-                edges[(pid, ids[i])] = False
-                if step - 1 in loss_ids:
-                    extra_edges.append((loss_ids[step - 1], pid))
-    return MetaGraph(nodes, edges, extra_edges, order, title)
+    loss_ids = {r.step: ids[id(r.loss.grad_fn)] for r in records if r.loss.grad_fn}
+    for i, (kind, _, name, step) in named.items():
+        if kind != FAST or step is None or i not in ids:
+            continue
+        fast = everything[i]
+        if any(nxt is None for nxt, _ in fast.next_functions):
+            pid = f"{ids[i]}_g"
+            nodes[pid] = GraphNode(
+                pid,
+                DETACHED,
+                f"dL_s/d{name} (step {step - 1})\nconstant: detached",
+                False,
+                f"update {step - 1}",
+                _module_of(name),
+                step,
+                ["detached"],
+            )
+            edges[(pid, ids[i])] = False
+            if step - 1 in loss_ids:
+                extra_edges.append((loss_ids[step - 1], pid))
+    return extra_edges
