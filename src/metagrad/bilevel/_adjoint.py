@@ -82,6 +82,70 @@ def adjoint(
     return HyperGrad(per.mean(), per, flat.grads(totals), pairs, strategy=name)
 
 
+class _Iterates:
+    """The forward pass's iterates ``(w_k, s_k)``: every ``every``-th kept, the rest recomputed.
+
+    ``every=None`` keeps all of them (adjoint); otherwise one segment of ``every`` recomputed
+    iterates is held at a time (checkpoint: O(K / every + every) copies).
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        optimizer: Any,
+        h: Any,
+        inner_data: Any,
+        at: int | None,
+        every: int | None,
+        w0: Params,
+    ) -> None:
+        self.problem, self.optimizer, self.h, self.inner_data = problem, optimizer, h, inner_data
+        self.fwd = AutogradBackend(dataclasses.replace(problem, check_finite=False), at, False)
+        fwd_checked = AutogradBackend(problem, at, False)
+        K = problem.steps
+        self.stride = stride = 1 if every is None else max(1, every)
+        w: Params = {n: v.detach() for n, v in w0.items()}
+        state = optimizer.init(w)
+        # Iterates live in blocks allocated once (one per leaf, all slots): stored copies made
+        # step by step would sit between the transient activations on the heap and pin it, which
+        # grew the peak by about an activation per step on wide models (glibc's dynamic mmap
+        # threshold).
+        self.kept = _Bank((w, state), K // stride + 2)
+        self.slot = {k: i for i, k in enumerate([*range(0, K, stride), K])}
+        for k in range(K):
+            if k % stride == 0:
+                self.kept.put(self.slot[k], (w, state))
+            w, state = self.advance(w, state, k, fwd_checked)
+        self.kept.put(self.slot[K], (w, state))
+        self.last = (w, state)  # (w_K, s_K)
+        self.segment = _Bank((w, state), stride) if stride > 1 else None
+        self.in_segment: list[int] = []  # the steps the segment bank holds, in slot order
+
+    def advance(self, w: Params, s: Any, k: int, backend: AutogradBackend) -> tuple[Params, Any]:
+        pb = self.problem
+        with torch.enable_grad():
+            a = {n: v.detach().requires_grad_() for n, v in w.items()}
+            new, new_s, _ = inner_step(
+                pb, self.optimizer, backend, a, self.h, s, k, batch_at(pb, self.inner_data, k)
+            )
+        return {n: v.detach() for n, v in new.items()}, pytree.tree_map(_det, new_s)
+
+    def get(self, k: int) -> tuple[Params, Any]:
+        if k in self.slot:
+            return self.kept.get(self.slot[k])
+        assert self.segment is not None
+        if k not in self.in_segment:
+            self.in_segment.clear()  # one segment at a time
+            stride, K = self.stride, self.problem.steps
+            base = (k // stride) * stride
+            w_, s_ = self.kept.get(self.slot[base])
+            for j in range(base + 1, min(base + stride, K)):
+                w_, s_ = self.advance(w_, s_, j - 1, self.fwd)
+                self.segment.put(len(self.in_segment), (w_, s_))
+                self.in_segment.append(j)
+        return self.segment.get(self.in_segment.index(k))
+
+
 def _one_problem(
     problem: Problem,
     flat: Flat,
@@ -108,46 +172,9 @@ def _one_problem(
     foreign_g: list[Tensor | None] = [None] * len(foreign)
     search = known_foreign is None  # look for closed-over leaves in the first graphs only
 
-    fwd = AutogradBackend(dataclasses.replace(problem, check_finite=False), at, False)
-    fwd_checked = AutogradBackend(problem, at, False)
-
-    def advance(w: Params, s: Any, k: int, backend: AutogradBackend) -> tuple[Params, Any]:
-        with torch.enable_grad():
-            a = {n: v.detach().requires_grad_() for n, v in w.items()}
-            new, new_s, _ = inner_step(
-                problem, optimizer, backend, a, h, s, k, batch_at(problem, inner_data, k)
-            )
-        return {n: v.detach() for n, v in new.items()}, pytree.tree_map(_det, new_s)
-
-    stride = 1 if every is None else max(1, every)
-    w: Params = {n: v.detach() for n, v in mp.w0.items()}
-    state = optimizer.init(w)
-    # Iterates live in blocks allocated once (one per leaf, all slots): stored copies made step
-    # by step would sit between the transient activations on the heap and pin it, which grew
-    # the peak by about an activation per step on wide models (glibc's dynamic mmap threshold).
-    kept = _Bank((w, state), K // stride + 2)
-    slot = {k: i for i, k in enumerate([*range(0, K, stride), K])}
-    for k in range(K):
-        if k % stride == 0:
-            kept.put(slot[k], (w, state))
-        w, state = advance(w, state, k, fwd_checked)
-    kept.put(slot[K], (w, state))
-    segment = _Bank((w, state), stride) if stride > 1 else None
-    in_segment: list[int] = []  # the steps the segment bank holds, in slot order
-
-    def iterate(k: int) -> tuple[Params, Any]:
-        if k in slot:
-            return kept.get(slot[k])
-        assert segment is not None
-        if k not in in_segment:
-            in_segment.clear()  # one segment at a time: O(K / every + every) copies
-            base = (k // stride) * stride
-            w_, s_ = kept.get(slot[base])
-            for j in range(base + 1, min(base + stride, K)):
-                w_, s_ = advance(w_, s_, j - 1, fwd)
-                segment.put(len(in_segment), (w_, s_))
-                in_segment.append(j)
-        return segment.get(in_segment.index(k))
+    iterates = _Iterates(problem, optimizer, h, inner_data, at, every, mp.w0)
+    iterate = iterates.get
+    w, state = iterates.last
 
     def add_phi(gs: tuple[Tensor | None, ...]) -> None:
         for j, g in zip(phi_idx, gs[: len(phi)]):
