@@ -95,7 +95,42 @@ def adam_update(
 
 
 @dataclass(frozen=True)
-class Adam(OptimizerBase):
+class _AdamFamily(OptimizerBase):
+    """Fields and steps shared by :class:`Adam` and :class:`~metagrad.optim.AdamW`."""
+
+    lr: Hyper = 1e-3
+    betas: tuple[Hyper, Hyper] = (0.9, 0.999)
+    eps: Hyper = 1e-8
+    weight_decay: Hyper = 0.0
+    amsgrad: bool = False
+    maximize: bool = False
+    eps_root: Hyper = 0.0
+    groups: tuple[Group, ...] = ()
+
+    _hypers = ("lr", "betas", "eps", "weight_decay", "eps_root")
+    _pairs = frozenset({"betas"})
+    _flags = ("amsgrad", "maximize")
+    _bounds: ClassVar[Mapping[str, Bound]] = ADAM_BOUNDS
+    _decoupled: ClassVar[bool] = False  # AdamW: the decay shrinks the parameter
+
+    def init(self, params: Params) -> AdamState:
+        """Zero first and second moments."""
+        return adam_init(self, params)
+
+    def update(
+        self,
+        grads: Params,
+        state: Any,
+        params: Params,
+        step: int,
+        lrs: Mapping[str, LR] | None = None,
+    ) -> tuple[Params, AdamState]:
+        """One step; see the class docstring for the rule."""
+        return adam_update(self, grads, state, params, step, lrs, decoupled=self._decoupled)
+
+
+@dataclass(frozen=True)
+class Adam(_AdamFamily):
     r"""Differentiable ``torch.optim.Adam`` (plus optax's ``eps_root``).
 
     With :math:`g_t = \pm\nabla f(p_{t-1}) + \lambda p_{t-1}` (minus when ``maximize``):
@@ -140,32 +175,3 @@ class Adam(OptimizerBase):
         Kingma, Ba, *Adam: A Method for Stochastic Optimization*, 2015; Reddi, Kale, Kumar,
         *On the Convergence of Adam and Beyond*, 2018 (AMSGrad).
     """
-
-    lr: Hyper = 1e-3
-    betas: tuple[Hyper, Hyper] = (0.9, 0.999)
-    eps: Hyper = 1e-8
-    weight_decay: Hyper = 0.0
-    amsgrad: bool = False
-    maximize: bool = False
-    eps_root: Hyper = 0.0
-    groups: tuple[Group, ...] = ()
-
-    _hypers = ("lr", "betas", "eps", "weight_decay", "eps_root")
-    _pairs = frozenset({"betas"})
-    _flags = ("amsgrad", "maximize")
-    _bounds: ClassVar[Mapping[str, Bound]] = ADAM_BOUNDS
-
-    def init(self, params: Params) -> AdamState:
-        """Zero first and second moments."""
-        return adam_init(self, params)
-
-    def update(
-        self,
-        grads: Params,
-        state: Any,
-        params: Params,
-        step: int,
-        lrs: Mapping[str, LR] | None = None,
-    ) -> tuple[Params, AdamState]:
-        """One Adam step; see the class docstring for the rule."""
-        return adam_update(self, grads, state, params, step, lrs, decoupled=False)

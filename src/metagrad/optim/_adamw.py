@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from metagrad._typing import Params
-from metagrad.optim._adam import ADAM_BOUNDS, AdamState, adam_init, adam_update
-from metagrad.optim._base import LR, Group, Hyper
-from metagrad.optim._common import Bound, OptimizerBase
+from metagrad.optim._adam import _AdamFamily
+from metagrad.optim._base import Hyper
 
 
 @dataclass(frozen=True)
-class AdamW(OptimizerBase):
+class AdamW(_AdamFamily):
     r"""Differentiable ``torch.optim.AdamW``: Adam whose weight decay shrinks the parameter.
 
     With :math:`g_t = \pm\nabla f(p_{t-1})` and :math:`m_t, \hat v_t` as in
@@ -52,31 +49,5 @@ class AdamW(OptimizerBase):
         Loshchilov, Hutter, *Decoupled Weight Decay Regularization*, 2019.
     """
 
-    lr: Hyper = 1e-3
-    betas: tuple[Hyper, Hyper] = (0.9, 0.999)
-    eps: Hyper = 1e-8
     weight_decay: Hyper = 1e-2
-    amsgrad: bool = False
-    maximize: bool = False
-    eps_root: Hyper = 0.0
-    groups: tuple[Group, ...] = ()
-
-    _hypers = ("lr", "betas", "eps", "weight_decay", "eps_root")
-    _pairs = frozenset({"betas"})
-    _flags = ("amsgrad", "maximize")
-    _bounds: ClassVar[Mapping[str, Bound]] = ADAM_BOUNDS
-
-    def init(self, params: Params) -> AdamState:
-        """Zero first and second moments."""
-        return adam_init(self, params)
-
-    def update(
-        self,
-        grads: Params,
-        state: Any,
-        params: Params,
-        step: int,
-        lrs: Mapping[str, LR] | None = None,
-    ) -> tuple[Params, AdamState]:
-        """One AdamW step; see the class docstring for the rule."""
-        return adam_update(self, grads, state, params, step, lrs, decoupled=True)
+    _decoupled: ClassVar[bool] = True
