@@ -227,20 +227,27 @@ def plot_trace(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str =
     tasks = sorted({int(r["task"]) for r in rows})
     for ax, (key, label, log) in zip(axes, panels):
         per_step: dict[int, list[float]] = {}
-        for t in tasks:
+        for i, t in enumerate(tasks):
             pts = [(int(r["step"]), float(r[key])) for r in rows if int(r["task"]) == t]
             pts = [(s, v) for s, v in pts if math.isfinite(v)]
             for s, v in pts:
                 per_step.setdefault(s, []).append(v)
-            ax.plot([s for s, _ in pts], [v for _, v in pts], color="#9db7d5", lw=0.8)
+            ax.plot(
+                [s for s, _ in pts], [v for _, v in pts], color="#9db7d5", lw=0.8,
+                label=f"each task ({len(tasks)})" if i == 0 else None,
+            )  # fmt: skip
         steps = sorted(per_step)
-        ax.plot(steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], color="#1f4e8c", lw=2)
+        ax.plot(
+            steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], color="#1f4e8c", lw=2,
+            label="mean over tasks",
+        )  # fmt: skip
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("inner step")
         ax.xaxis.get_major_locator().set_params(integer=True)
         if log and all(v > 0 for vs in per_step.values() for v in vs):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
