@@ -61,8 +61,14 @@ def test_mamlpp_annealed_multi_step_weights_compile_once() -> None:
 
     model, tasks = _setup()
     learner = mg.MAMLpp(
-        model, F.mse_loss, inner_lr=0.1, inner_steps=3, first_order_steps=0,
-        msl_anneal_steps=100, strategy="vmap", compile=counting_backend,
+        model,
+        F.mse_loss,
+        inner_lr=0.1,
+        inner_steps=3,
+        first_order_steps=0,
+        msl_anneal_steps=100,
+        strategy="vmap",
+        compile=counting_backend,
     )
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
     weights = set()
