@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from mg_cli import run_cli
 
 from metagrad.rl._train import NavigationConfig, NavigationTrainer
 from metagrad.training._checkpoint import load_checkpoint
-from metagrad.training._cli import add_eval_parser, add_train_parser
 
 TINY = ["--meta-batch", "2", "--trajectories", "2", "--horizon", "4", "--hidden", "4",
         "--eval-tasks", "3", "--fisher-tasks", "1", "--no-progress"]  # fmt: skip
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="metagrad")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    args = parser.parse_args(argv)
-    code: int = args.handler(args)
-    return code
+    return run_cli(argv)
 
 
 def tiny(**changes: object) -> NavigationConfig:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mg_cli import run_cli
 
 from metagrad.training import CheckpointError, TrainConfig, Trainer, load_checkpoint
 from metagrad.training._checkpoint import (
@@ -21,7 +22,6 @@ from metagrad.training._checkpoint import (
     clean_stale_temp_files,
     save_checkpoint,
 )
-from metagrad.training._cli import add_eval_parser, add_train_parser
 from metagrad.training._trainer import prepare_output
 
 VALUE = 1.2345  # a weight whose bytes are easy to find in the file
@@ -38,13 +38,7 @@ def _two(tmp_path: Path) -> Path:
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="metagrad")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    args = parser.parse_args(argv)
-    code: int = args.handler(args)
-    return code
+    return run_cli(argv)
 
 
 def _flip_a_weight_byte(path: Path, value: float) -> None:

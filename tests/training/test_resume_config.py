@@ -3,28 +3,21 @@ applied for real and recorded."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import pytest
+from mg_cli import run_cli
 
 from metagrad.training import CheckpointError, TrainConfig, Trainer, load_checkpoint
-from metagrad.training._cli import add_eval_parser, add_train_parser
 
 TINY = ["--iterations", "4", "--meta-batch", "2", "--eval-tasks", "3", "--val-every", "2",
         "--log-every", "1", "--test-steps", "0,1", "--no-progress", "--no-plots"]  # fmt: skip
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="metagrad")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_eval_parser(sub)
-    args = parser.parse_args(argv)
-    code: int = args.handler(args)
-    return code
+    return run_cli(argv)
 
 
 @pytest.fixture

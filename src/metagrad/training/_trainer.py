@@ -80,16 +80,7 @@ def prepare_output(
 
     ``overwrite=True`` (CLI ``--overwrite``) deletes an earlier run's checkpoints and log first.
     """
-    out = Path(output)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ConfigError(
-            f"output directory {str(out)!r} is not writable ({err.strerror or err}). Fix: choose "
-            f"another --output."
-        ) from None
+    out = _writable_folder(output, "output directory", "another --output")
     clean_stale_temp_files(out)  # left by a run killed while writing (may recover checkpoint.pt)
     has_ckpt = (out / CHECKPOINT).exists() or (out / PREVIOUS).exists()
     if has_ckpt and overwrite and not resume:
@@ -109,8 +100,8 @@ def prepare_output(
     return out
 
 
-def prepare_eval_output(output: str | os.PathLike[str]) -> Path:
-    """``metagrad eval --output``: a writable folder that is not a training run's own."""
+def _writable_folder(output: str | os.PathLike[str], what: str, fix: str) -> Path:
+    """``output`` created if needed and proven writable (a temporary file), else ConfigError."""
     out = Path(output)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -118,9 +109,14 @@ def prepare_eval_output(output: str | os.PathLike[str]) -> Path:
             pass
     except OSError as err:
         raise ConfigError(
-            f"--output {str(out)!r} is not writable ({err.strerror or err}). Fix: choose "
-            f"another --output folder."
+            f"{what} {str(out)!r} is not writable ({err.strerror or err}). Fix: choose {fix}."
         ) from None
+    return out
+
+
+def prepare_eval_output(output: str | os.PathLike[str]) -> Path:
+    """``metagrad eval --output``: a writable folder that is not a training run's own."""
+    out = _writable_folder(output, "--output", "another --output folder")
     if (out / CHECKPOINT).exists() or (out / PREVIOUS).exists():
         raise ConfigError(
             f"--output {str(out)!r} holds a training run ({CHECKPOINT}); the evaluation would "
