@@ -153,3 +153,13 @@ def test_in_place_op_is_explained_under_the_default_strategy() -> None:
     for strategy in ("auto", "loop", "hvp_chain"):
         with pytest.raises(RuntimeError, match="modifies a tensor in place"):
             _mse_learner(InPlace(), strategy=strategy).meta_loss(x, y, x, y)
+
+
+def test_label_check_works_for_batchnorm1d_models() -> None:
+    """The label probe runs the whole support set: one example would break BatchNorm1d."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+    learner = mg.MAML(model, F.cross_entropy, 0.1, 1)
+    bad = torch.randint(0, 4, (T, K))
+    bad[0, 0] = 6
+    with pytest.raises(ValueError, match=r"labels range over \[\d, 6\] but the model outputs 4"):
+        learner.meta_loss(_x(), bad, _x(), bad)

@@ -306,8 +306,8 @@ def explain_task_error(
 ) -> Exception | None:
     """A clear error for the common data/model mismatches PyTorch reports in its own terms.
 
-    Label ranges are checked against the model's real output (one forward pass of one example,
-    run only after a failure), so an index error inside the user's model keeps its own message.
+    Label ranges are checked against the model's real output (one forward pass of task 0's
+    support set, run only after a failure), so an index error inside the user's model keeps its own message.
     """
     msg = str(err).splitlines()[0] if str(err) else type(err).__name__
     xs, ys, _, yq = tasks
@@ -335,9 +335,12 @@ def explain_task_error(
     if isinstance(err, IndexError) or "out of bounds" in msg:
         if ys.is_floating_point():
             return None
-        with torch.no_grad():
-            p = {k: v.detach() for k, v in theta.items()}
-            out = objective.fm.forward(p, objective.fm.buffers(), xs[0][:1])
+        try:  # the whole support set: one example would break BatchNorm1d in train mode
+            with torch.no_grad():
+                p = {k: v.detach() for k, v in theta.items()}
+                out = objective.fm.forward(p, objective.fm.buffers(), xs[0])
+        except Exception:  # the probe must never hide the original error
+            return None
         classes = int(out.shape[-1])
         labels = torch.cat([ys.flatten(), yq.flatten()])
         labels = labels[labels != -100]
