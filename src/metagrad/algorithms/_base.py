@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from metagrad._typing import LossFn, Params
 from metagrad.algorithms._task import InnerSpec, MetaResult, TaskLoss, run_task
-from metagrad.bilevel._problem import AttachGrad
+from metagrad.bilevel._problem import attach_pairs
 from metagrad.functional._checks import check_task, check_tasks
 from metagrad.functional._model import FunctionalModel, dtype_device
 
@@ -146,8 +146,7 @@ class Learner(nn.Module, ABC):
         """
         named = dict(self.named_parameters())
         pairs = [(named[k], g) for k, g in res.grads.items()] + list(res.foreign)
-        out: Tensor = AttachGrad.apply(res.loss, tuple(g for _, g in pairs), *(t for t, _ in pairs))
-        return out
+        return attach_pairs(res.loss, pairs)
 
     def meta_grad(self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> dict[str, Tensor | None]:
         """The meta-gradient keyed like ``learner.named_parameters()`` (``.grad`` untouched)."""

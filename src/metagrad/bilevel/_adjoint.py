@@ -36,14 +36,7 @@ from metagrad._typing import Params
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import AutogradBackend, batch_at, inner_step, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, Problem
-from metagrad.bilevel._tree import Flat, accumulate, count_problems, index
-
-
-def _fresh(x: Any) -> Any:
-    """A leaf copy (sharing storage) that requires grad where ``x`` does."""
-    if not isinstance(x, Tensor):
-        return x
-    return x.detach().requires_grad_(x.requires_grad and x.is_floating_point())
+from metagrad.bilevel._tree import Flat, accumulate, count_problems, fresh_leaf, index, tree_detach
 
 
 def adjoint(
@@ -128,7 +121,7 @@ class _Iterates:
             new, new_s, _ = inner_step(
                 pb, self.optimizer, backend, a, self.h, s, k, batch_at(pb, self.inner_data, k)
             )
-        return {n: v.detach() for n, v in new.items()}, pytree.tree_map(_det, new_s)
+        return {n: v.detach() for n, v in new.items()}, tree_detach(new_s)
 
     def get(self, k: int) -> tuple[Params, Any]:
         if k in self.slot:
@@ -159,7 +152,7 @@ def _one_problem(
     n0 = flat.n_w0
     # phi: leaf copies of the hyperparameters (and optimizer hyperparameters); w0 detached.
     leaves = [x.detach() if isinstance(x, Tensor) else x for x in flat.leaves[:n0]]
-    leaves += [_fresh(x) for x in flat.leaves[n0:]]
+    leaves += [fresh_leaf(x) for x in flat.leaves[n0:]]
     mp = flat.rebuild(leaves, at=list(range(len(leaves))))
     phi_idx = [j for j in flat.wrt if j >= n0]
     phi = [leaves[j] for j in phi_idx]
@@ -251,10 +244,6 @@ def _one_problem(
     for n, j in w0_idx.items():
         accumulate(grads, j, v[n])
     return objective, grads, foreign_g, foreign
-
-
-def _det(x: Any) -> Any:
-    return x.detach() if isinstance(x, Tensor) else x
 
 
 class _Bank:

@@ -29,9 +29,16 @@ from metagrad._errors import check_finite
 from metagrad._typing import Params
 from metagrad.bilevel._foreign import describe, foreign_leaves
 from metagrad.bilevel._implicit import custom_root
-from metagrad.bilevel._inner import AutogradBackend, inner_step
+from metagrad.bilevel._inner import AutogradBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
-from metagrad.bilevel._tree import Flat, accumulate, count_problems, index, tree_detach
+from metagrad.bilevel._tree import (
+    Flat,
+    accumulate,
+    count_problems,
+    fresh_leaf,
+    index,
+    tree_detach,
+)
 from metagrad.functional._attention import higher_order_attention
 
 
@@ -96,7 +103,7 @@ def _one(
     at: int | None,
     options: ImplicitOptions,
 ) -> tuple[Tensor, list[Tensor | None], Params]:
-    leaves = [_fresh(x) for x in flat.leaves]
+    leaves = [fresh_leaf(x) for x in flat.leaves]
     keys = [str(j) for j in hyper_idx]
 
     def rebuild(hd: Params) -> MetaParams:
@@ -122,7 +129,11 @@ def _one(
         first = dataclasses.replace(problem, order=1)
         with torch.enable_grad():
             start = {n: v.detach().requires_grad_(v.is_floating_point()) for n, v in w_init.items()}
-            _, w, _ = _run_detached(first, start, mp, inner_data, at)
+            # truncate=0: every step's gradient a constant, no graph across steps
+            backend = AutogradBackend(first, at, create_graph=False)
+            _, w, _ = run(
+                first, backend, start, mp.h, mp.opt, inner_data, None, truncate=0, index=at
+            )
         return w
 
     solve = custom_root(
@@ -155,26 +166,3 @@ def _one(
             else [None] * len(inputs)
         )
     return q.detach(), list(gs), tree_detach(w_star)
-
-
-def _run_detached(
-    problem: Problem, w0: Params, mp: MetaParams, inner_data: Any, at: int | None
-) -> tuple[None, Params, Any]:
-    """The inner loop without graph across steps: each step's gradient is a constant."""
-    K = problem.steps
-    w = w0
-    optimizer = problem.optimizer.with_hyperparams(mp.opt) if mp.opt else problem.optimizer
-    state = optimizer.init(w)
-    backend = AutogradBackend(problem, at, create_graph=False)
-    for k in range(K):
-        a = {n: v.detach().requires_grad_(v.is_floating_point()) for n, v in w.items()}
-        new, state, _ = inner_step(problem, optimizer, backend, a, mp.h, state, k, inner_data)
-        w = {n: v.detach() for n, v in new.items()}
-        state = tree_detach(state)
-    return None, w, state
-
-
-def _fresh(x: Any) -> Any:
-    if not isinstance(x, Tensor):
-        return x
-    return x.detach().requires_grad_(x.requires_grad and x.is_floating_point())

@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Params
 from metagrad.bilevel._problem import LR, Optimizer, PerStep, Problem
+from metagrad.bilevel._tree import tree_detach
 from metagrad.functional._attention import attention_for
 
 
@@ -161,7 +161,7 @@ def run(
                     problem, optimizer, first, w, h, state, k, batch_at(problem, inner_data, k)
                 )
             w = {n: v.detach() for n, v in w.items()}
-            state = pytree.tree_map(_detach, state)
+            state = tree_detach(state)
             if k + 1 == cut:
                 w = trainable_start(w)
         else:
@@ -175,7 +175,3 @@ def run(
     if outer_data is not None and (problem.outer_weights is None or K == 0):
         objective = problem.call_outer(w, h, outer_data, K)
     return objective, w, state
-
-
-def _detach(x: Any) -> Any:
-    return x.detach() if isinstance(x, Tensor) else x

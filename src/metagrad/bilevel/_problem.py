@@ -206,10 +206,13 @@ class HyperGrad:
         p_flat = flatten(params)
         g_flat = flatten(self.grads)
         pairs = [(p, g) for p, g in zip(p_flat, g_flat) if isinstance(p, Tensor)]
-        pairs += self.foreign
-        grads = tuple(g for _, g in pairs)
-        out: Tensor = AttachGrad.apply(self.value, grads, *(p for p, _ in pairs))
-        return out
+        return attach_pairs(self.value, [*pairs, *self.foreign])
+
+
+def attach_pairs(value: Tensor, pairs: Sequence[tuple[Tensor, Tensor | None]]) -> Tensor:
+    """``value`` as a tensor whose ``backward()`` adds each gradient to its tensor's ``.grad``."""
+    out: Tensor = AttachGrad.apply(value, tuple(g for _, g in pairs), *(t for t, _ in pairs))
+    return out
 
 
 def flatten(mp: MetaParams) -> list[Any]:

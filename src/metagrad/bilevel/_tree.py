@@ -61,6 +61,13 @@ def detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
 
+def fresh_leaf(x: Any) -> Any:
+    """A leaf copy of ``x`` (sharing storage) that requires grad where ``x`` does."""
+    if not isinstance(x, Tensor):
+        return x
+    return x.detach().requires_grad_(x.requires_grad and x.is_floating_point())
+
+
 def tree_detach(tree: Any) -> Any:
     return pytree.tree_map(detach, tree)
 
