@@ -1,8 +1,10 @@
 """Policy-gradient estimators against exact expectations (float64, fixed seeds).
 
-On the small MDP of ``rl_mdp`` the expected return J(theta) is an explicit function of the
-policy, so its gradient and Hessian are exact (``torch.autograd.functional.jacobian/hessian``
-of the closed form) and its third directional derivative too (``metagrad.nth_derivative``).
+On a small discrete MDP (defined below: two states, three actions, horizon 4, discount 0.9,
+a tabular softmax policy ``theta[s, a]``) the expected return J(theta) is an explicit function
+of the policy, so its gradient and Hessian are exact (``torch.autograd.functional.jacobian`` /
+``hessian`` of the closed form) and its third directional derivative too
+(``metagrad.nth_derivative``).
 Each estimator is averaged over N = 400,000 sampled trajectories in B = 100 batches of 4,000;
 the standard error (SE) of each entry is the standard deviation of the batch estimates over
 sqrt(B). DiCE must agree with the exact derivatives within 5 SE in every entry (the largest
@@ -17,13 +19,73 @@ import math
 from collections.abc import Callable
 
 import pytest
-import rl_mdp as mdp
 import torch
 from torch import Tensor
 from torch.autograd.functional import hessian, jacobian
 
 from metagrad import nth_derivative
 from metagrad.rl import dice_objective, magic_box, reinforce_surrogate
+
+# ---------------------------------------------------------------------- the MDP
+# ``expected_return`` evaluates J(theta) = E sum_t gamma^t r(s_t, a_t) exactly by propagating
+# the state distribution (differentiable, float64); ``sample`` draws trajectories with the same
+# dynamics, vectorized; ``log_probs`` recomputes log pi_theta(a_t | s_t) of sampled actions.
+
+DT = torch.float64
+HORIZON, GAMMA = 4, 0.9
+P0 = torch.tensor([0.6, 0.4], dtype=DT)
+# P[s, a, s']
+P = torch.tensor(
+    [[[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]], [[0.3, 0.7], [0.6, 0.4], [0.05, 0.95]]], dtype=DT
+)
+# r[s, a]: around 3, so that returns are far from 0 and baselines matter (as in most tasks)
+R = torch.tensor([[1.0, -0.5, 0.2], [0.3, 2.0, -1.0]], dtype=DT) + 3.0  # r[s, a]
+THETA = torch.tensor([[0.2, -0.4, 0.1], [-0.3, 0.5, 0.0]], dtype=DT)
+
+
+def expected_return(theta: Tensor) -> Tensor:
+    pi = torch.softmax(theta, -1)
+    d = P0
+    total = torch.zeros((), dtype=DT)
+    for t in range(HORIZON):
+        total = total + GAMMA**t * (d[:, None] * pi * R).sum()
+        d = torch.einsum("s,sa,sap->p", d, pi, P)
+    return total
+
+
+def values(theta: Tensor) -> Tensor:
+    """``V[t, s] = E[sum_{t' >= t} gamma^(t'-t) r_t' | s_t = s]`` under ``theta`` (exact)."""
+    pi = torch.softmax(theta, -1)
+    v = torch.zeros(2, dtype=DT)
+    out = []
+    for _ in range(HORIZON):
+        q = R + GAMMA * torch.einsum("sap,p->sa", P, v)
+        v = (pi * q).sum(-1)
+        out.append(v)
+    return torch.stack(out[::-1])
+
+
+def sample(theta: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` trajectories: states, actions ``[n, T]`` (long) and rewards ``[n, T]``."""
+    pi = torch.softmax(theta.detach(), -1)
+    s = (torch.rand(n, generator=generator, dtype=DT) > P0[0]).long()
+    states, actions = [], []
+    for _ in range(HORIZON):
+        u = torch.rand(n, 1, generator=generator, dtype=DT)
+        a = (u > pi[s].cumsum(-1)[:, :-1]).sum(-1)
+        states.append(s)
+        actions.append(a)
+        u = torch.rand(n, generator=generator, dtype=DT)
+        s = (u > P[s, a, 0]).long()
+    st, ac = torch.stack(states, 1), torch.stack(actions, 1)
+    return st, ac, R[st, ac]
+
+
+def log_probs(theta: Tensor, states: Tensor, actions: Tensor) -> Tensor:
+    return torch.log_softmax(theta, -1)[states, actions]
+
+
+# ---------------------------------------------------------------------- estimators
 
 N, B = 400_000, 100
 Z = 5.0  # tolerance in standard errors
@@ -34,9 +96,9 @@ Objective = Callable[[Tensor, Tensor, Tensor], Tensor]  # (log_probs, rewards, b
 def samples() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """States, actions, rewards (``[B, n, T]``) and the exact-value baseline ``V_t(s_t)``."""
     g = torch.Generator().manual_seed(1234)
-    st, ac, rw = mdp.sample(mdp.THETA, N, g)
-    base = mdp.values(mdp.THETA)[torch.arange(mdp.HORIZON), st]
-    shape = (B, N // B, mdp.HORIZON)
+    st, ac, rw = sample(THETA, N, g)
+    base = values(THETA)[torch.arange(HORIZON), st]
+    shape = (B, N // B, HORIZON)
     return st.reshape(shape), ac.reshape(shape), rw.reshape(shape), base.reshape(shape)
 
 
@@ -52,7 +114,7 @@ def batch_derivatives(objective: Objective, samples: tuple[Tensor, ...]) -> tupl
     to the views is the stack of the batches' gradients, so 1 + 6 backward passes suffice.
     """
     st, ac, rw, base = samples
-    theta = mdp.THETA.clone().requires_grad_(True)
+    theta = THETA.clone().requires_grad_(True)
     theta_b = theta.expand(B, *theta.shape)
     per_batch = objective(_batched_log_probs(theta_b, st, ac), rw, base).mean(1)
     (g,) = torch.autograd.grad(per_batch.sum(), theta_b, create_graph=True)
@@ -75,21 +137,21 @@ def z_scores(estimate: Tensor, se: Tensor, exact: Tensor) -> Tensor:
 
 
 def dice(lp: Tensor, rw: Tensor, base: Tensor) -> Tensor:
-    return dice_objective(lp, rw, discount=mdp.GAMMA, reduction="none")
+    return dice_objective(lp, rw, discount=GAMMA, reduction="none")
 
 
 def dice_with_baseline(lp: Tensor, rw: Tensor, base: Tensor) -> Tensor:
-    return dice_objective(lp, rw, baseline=base, discount=mdp.GAMMA, reduction="none")
+    return dice_objective(lp, rw, baseline=base, discount=GAMMA, reduction="none")
 
 
 def naive(lp: Tensor, rw: Tensor, base: Tensor) -> Tensor:
-    return reinforce_surrogate(lp, rw, discount=mdp.GAMMA, reduction="none")
+    return reinforce_surrogate(lp, rw, discount=GAMMA, reduction="none")
 
 
 @pytest.fixture(scope="module")
 def exact() -> tuple[Tensor, Tensor]:
-    theta = mdp.THETA.clone()
-    return jacobian(mdp.expected_return, theta), hessian(mdp.expected_return, theta)
+    theta = THETA.clone()
+    return jacobian(expected_return, theta), hessian(expected_return, theta)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +162,9 @@ def plain_dice(samples: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
 def test_closed_form_is_right(samples: tuple[Tensor, ...]) -> None:
     """The sampler and the closed form describe the same MDP: mean return within 5 SE."""
     rw = samples[2]
-    disc = mdp.GAMMA ** torch.arange(mdp.HORIZON, dtype=mdp.DT)
+    disc = GAMMA ** torch.arange(HORIZON, dtype=DT)
     m, se = mean_se((rw * disc).sum(-1).mean(1))
-    assert abs(float(m - mdp.expected_return(mdp.THETA))) < Z * float(se)
+    assert abs(float(m - expected_return(THETA))) < Z * float(se)
 
 
 def test_dice_gradient_and_hessian_are_unbiased(
@@ -134,7 +196,7 @@ def test_first_order_baseline_reduces_only_first_order_variance(
 ) -> None:
     """Foerster et al.'s original term sum_t (1 - box(log pi_t)) b_t, for comparison: also
     unbiased, but the Hessian's standard error barely moves."""
-    disc = mdp.GAMMA ** torch.arange(mdp.HORIZON, dtype=mdp.DT)
+    disc = GAMMA ** torch.arange(HORIZON, dtype=DT)
 
     def first_order_baseline(lp: Tensor, rw: Tensor, base: Tensor) -> Tensor:
         return dice(lp, rw, base) + ((1 - magic_box(lp)) * base * disc).sum(-1)
@@ -161,10 +223,10 @@ def test_naive_surrogate_gradient_unbiased_but_hessian_biased(
 def test_dice_third_directional_derivative_is_unbiased(samples: tuple[Tensor, ...]) -> None:
     """d^3/de^3 J(theta + e v) at e = 0, exact by metagrad.nth_derivative of the closed form."""
     st, ac, rw, base = samples
-    v = torch.tensor([[1.0, -0.5, 0.3], [0.2, 0.8, -1.0]], dtype=mdp.DT)
-    exact3 = nth_derivative(lambda e: mdp.expected_return(mdp.THETA + e * v), torch.zeros((), dtype=mdp.DT), 3)  # fmt: skip
-    eps = torch.zeros(B, dtype=mdp.DT, requires_grad=True)
-    theta_b = mdp.THETA + eps[:, None, None] * v
+    v = torch.tensor([[1.0, -0.5, 0.3], [0.2, 0.8, -1.0]], dtype=DT)
+    exact3 = nth_derivative(lambda e: expected_return(THETA + e * v), torch.zeros((), dtype=DT), 3)  # fmt: skip
+    eps = torch.zeros(B, dtype=DT, requires_grad=True)
+    theta_b = THETA + eps[:, None, None] * v
     d3 = dice_with_baseline(_batched_log_probs(theta_b, st, ac), rw, base).mean(1)
     for _ in range(3):  # each batch's objective depends on its own eps only
         (d3,) = torch.autograd.grad(d3.sum(), eps, create_graph=True)
