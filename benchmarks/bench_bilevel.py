@@ -155,6 +155,54 @@ class Workload:
     default_f64: dict[str, str] = field(default_factory=dict)
 
 
+STRATEGIES = ("auto", "unroll", "vmap", "adjoint", "checkpoint", "forward")
+"""The metagrad strategies every unrolled workload times (its first rows, in this order)."""
+
+
+def strategy_fn(
+    pb: bilevel.Problem,
+    w0: dict[str, Tensor],
+    h: dict[str, Tensor],
+    tr: tuple[Tensor, Tensor],
+    va: tuple[Tensor, Tensor],
+    pick: Callable[[Any], list[Tensor]],
+    strategy: str,
+    **kw: Any,
+) -> Fn:
+    """One metagrad row: ``bilevel.hypergrad`` by ``strategy``, ``pick`` chooses the grads.
+
+    ``vmap`` runs the problem as a batch of one (``kw`` are not passed to it).
+    """
+
+    def fn() -> list[Tensor]:
+        if strategy == "vmap":
+            b = lambda t: tuple(v.unsqueeze(0) for v in t)  # noqa: E731
+            res = bilevel.hypergrad(pb, w0, h, b(tr), b(va), strategy="vmap", batched=True)
+        else:
+            res = bilevel.hypergrad(pb, w0, h, tr, va, strategy=strategy, **kw)
+        return pick(res.grads)
+
+    return fn
+
+
+def strategy_rows(
+    mg: Callable[[str], Fn], strategies: tuple[str, ...] = STRATEGIES
+) -> dict[str, Fn]:
+    """``{"metagrad <strategy>": mg(strategy)}`` for each of ``strategies``, in order."""
+    return {f"metagrad {s}": mg(s) for s in strategies}
+
+
+def with_peers(
+    rows: dict[str, Fn], higher_rows: dict[str, Fn], torchopt_rows: dict[str, Fn]
+) -> dict[str, Fn]:
+    """``rows`` followed by the higher and TorchOpt rows of the peers that are installed."""
+    if higher is not None:
+        rows.update(higher_rows)
+    if torchopt is not None:
+        rows.update(torchopt_rows)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------
 # workload 1: hyperparameter optimization (per-layer lr and wd, SGD momentum, K = 100)
 # ------------------------------------------------------------------------------------------
@@ -171,15 +219,8 @@ def hpo_workload(dtype: torch.dtype, steps: int = 100) -> Workload:
     h = {"log_lr": log_lr, "log_wd": log_wd}
 
     def mg(strategy: str, **kw: Any) -> Fn:
-        def fn() -> list[Tensor]:
-            if strategy == "vmap":
-                b = lambda t: tuple(v.unsqueeze(0) for v in t)  # noqa: E731
-                res = bilevel.hypergrad(pb, w0, h, b(tr), b(va), strategy="vmap", batched=True)
-            else:
-                res = bilevel.hypergrad(pb, w0, h, tr, va, strategy=strategy, **kw)
-            return [res.grads.h["log_lr"], res.grads.h["log_wd"]]
-
-        return fn
+        pick = lambda gr: [gr.h["log_lr"], gr.h["log_wd"]]  # noqa: E731
+        return strategy_fn(pb, w0, h, tr, va, pick, strategy, **kw)
 
     def func_loop() -> list[Tensor]:
         def G(a: Tensor, b: Tensor) -> Tensor:
@@ -222,23 +263,18 @@ def hpo_workload(dtype: torch.dtype, steps: int = 100) -> Workload:
         out = F.cross_entropy(m(va[0]), va[1])
         return list(torch.autograd.grad(out, [log_lr, log_wd]))
 
-    rows: dict[str, Fn] = {
-        "metagrad auto": mg("auto"),
-        "metagrad unroll": mg("unroll"),
-        "metagrad vmap": mg("vmap"),
-        "metagrad adjoint": mg("adjoint"),
-        "metagrad checkpoint": mg("checkpoint"),
-        "metagrad forward": mg("forward"),
-        "metagrad implicit": mg(
-            "implicit", implicit_options=bilevel.ImplicitOptions(residual_tol=1e9)
-        ),
-        "metagrad truncated (k=10)": mg("truncated", truncate=10),
-        "torch.func loop": func_loop,
-    }
-    if higher is not None:
-        rows["higher innerloop_ctx"] = higher_loop
-    if torchopt is not None:
-        rows["torchopt MetaSGD (one per layer)"] = torchopt_loop
+    rows = with_peers(
+        {
+            **strategy_rows(mg),
+            "metagrad implicit": mg(
+                "implicit", implicit_options=bilevel.ImplicitOptions(residual_tol=1e9)
+            ),
+            "metagrad truncated (k=10)": mg("truncated", truncate=10),
+            "torch.func loop": func_loop,
+        },
+        {"higher innerloop_ctx": higher_loop},
+        {"torchopt MetaSGD (one per layer)": torchopt_loop},
+    )
     return Workload(
         "hpo",
         f"HPO: d val-CE / d (3 log lr, 3 log wd), {steps} SGD-momentum steps, 500 images, MLP 64-64-64-10",
@@ -264,17 +300,8 @@ def reweight_workload(dtype: torch.dtype) -> Workload:
     pb = lookahead_problem(lr)
 
     def mg(strategy: str) -> Fn:
-        def fn() -> list[Tensor]:
-            if strategy == "vmap":
-                b = lambda t: tuple(v.unsqueeze(0) for v in t)  # noqa: E731
-                res = bilevel.hypergrad(
-                    pb, w0, {"eps": eps}, b(batch), b(clean), strategy="vmap", batched=True
-                )
-            else:
-                res = bilevel.hypergrad(pb, w0, {"eps": eps}, batch, clean, strategy=strategy)
-            return [res.grads.h["eps"]]
-
-        return fn
+        pick = lambda gr: [gr.h["eps"]]  # noqa: E731
+        return strategy_fn(pb, w0, {"eps": eps}, batch, clean, pick, strategy)
 
     def inner(w: dict[str, Tensor], e: Tensor) -> Tensor:
         return (e * F.cross_entropy(forward(w, batch[0]), batch[1], reduction="none")).sum()
@@ -304,19 +331,11 @@ def reweight_workload(dtype: torch.dtype) -> Workload:
         out = F.cross_entropy(m(clean[0]), clean[1])
         return list(torch.autograd.grad(out, [eps]))
 
-    rows: dict[str, Fn] = {
-        "metagrad auto": mg("auto"),
-        "metagrad unroll": mg("unroll"),
-        "metagrad vmap": mg("vmap"),
-        "metagrad adjoint": mg("adjoint"),
-        "metagrad checkpoint": mg("checkpoint"),
-        "metagrad forward": mg("forward"),
-        "torch.func loop": func_loop,
-    }
-    if higher is not None:
-        rows["higher innerloop_ctx"] = higher_loop
-    if torchopt is not None:
-        rows["torchopt MetaSGD"] = torchopt_loop
+    rows = with_peers(
+        {**strategy_rows(mg), "torch.func loop": func_loop},
+        {"higher innerloop_ctx": higher_loop},
+        {"torchopt MetaSGD": torchopt_loop},
+    )
     return Workload(
         "reweight",
         "reweight: d clean-CE / d eps (100 example weights), 1 SGD step, MLP 64-128-128-10",
@@ -355,17 +374,8 @@ def unroll_workload(
     pb = bilevel.Problem(f, g, opt, steps)
 
     def mg(strategy: str) -> Fn:
-        def fn() -> list[Tensor]:
-            if strategy == "vmap":
-                b = lambda t: tuple(v.unsqueeze(0) for v in t)  # noqa: E731
-                res = bilevel.hypergrad(
-                    pb, w0, {"wd": wd}, b(tr), b(va), strategy="vmap", batched=True
-                )
-            else:
-                res = bilevel.hypergrad(pb, w0, {"wd": wd}, tr, va, strategy=strategy)
-            return [res.grads.opt["lr"], res.grads.h["wd"]]
-
-        return fn
+        pick = lambda gr: [gr.opt["lr"], gr.h["wd"]]  # noqa: E731
+        return strategy_fn(pb, w0, {"wd": wd}, tr, va, pick, strategy)
 
     def func_loop() -> list[Tensor]:
         def G(a: Tensor, c: Tensor) -> Tensor:
@@ -417,19 +427,11 @@ def unroll_workload(
         out = F.cross_entropy(m(va[0]), va[1])
         return list(torch.autograd.grad(out, [lr, wd]))
 
-    rows: dict[str, Fn] = {
-        "metagrad auto": mg("auto"),
-        "metagrad unroll": mg("unroll"),
-        "metagrad vmap": mg("vmap"),
-        "metagrad adjoint": mg("adjoint"),
-        "metagrad checkpoint": mg("checkpoint"),
-        "metagrad forward": mg("forward"),
-        "torch.func loop": func_loop,
-    }
-    if higher is not None:
-        rows["higher innerloop_ctx"] = higher_loop
-    if torchopt is not None:
-        rows["torchopt MetaAdam" if adam else "torchopt MetaSGD"] = torchopt_loop
+    rows = with_peers(
+        {**strategy_rows(mg), "torch.func loop": func_loop},
+        {"higher innerloop_ctx": higher_loop},
+        {"torchopt MetaAdam" if adam else "torchopt MetaSGD": torchopt_loop},
+    )
     kind = "Adam" if adam else "SGD-momentum"
     name = f"unroll-adam-K{steps}" if adam else f"unroll-K{steps}"
     if hidden != 64:
@@ -489,11 +491,7 @@ def implicit_workload(dtype: torch.dtype, steps: int = 1000) -> Workload:
         return w
 
     def mg(strategy: str) -> Fn:
-        def fn() -> list[Tensor]:
-            res = bilevel.hypergrad(pb, w0, h, tr, va, strategy=strategy)
-            return [res.grads.h["log_lam"]]
-
-        return fn
+        return strategy_fn(pb, w0, h, tr, va, lambda gr: [gr.h["log_lam"]], strategy)
 
     names = list(w0)
 
@@ -565,21 +563,18 @@ def implicit_workload(dtype: torch.dtype, steps: int = 1000) -> Workload:
         out = F.cross_entropy(m(va[0]), va[1])
         return list(torch.autograd.grad(out, [log_lam]))
 
-    rows: dict[str, Fn] = {
-        "metagrad auto": mg("auto"),
-        "metagrad unroll": mg("unroll"),
-        "metagrad adjoint": mg("adjoint"),
-        "metagrad checkpoint": mg("checkpoint"),
-        "metagrad forward": mg("forward"),
-        "metagrad implicit": mg("implicit"),
-        "metagrad custom_root": mg_custom_root,
-        "dense IFT (torch.func.hessian + solve)": dense_ift,
-    }
-    if higher is not None:
-        rows["higher innerloop_ctx (unrolled)"] = higher_loop
-    if torchopt is not None:
-        rows["torchopt custom_root (CG)"] = torchopt_root
-        rows["torchopt MetaSGD (unrolled)"] = torchopt_unrolled
+    rows = with_peers(
+        {
+            **strategy_rows(mg, ("auto", "unroll", "adjoint", "checkpoint", "forward", "implicit")),
+            "metagrad custom_root": mg_custom_root,
+            "dense IFT (torch.func.hessian + solve)": dense_ift,
+        },
+        {"higher innerloop_ctx (unrolled)": higher_loop},
+        {
+            "torchopt custom_root (CG)": torchopt_root,
+            "torchopt MetaSGD (unrolled)": torchopt_unrolled,
+        },
+    )
     return Workload(
         "implicit",
         f"implicit: d val-CE / d log lambda, ridge softmax regression 64->10 solved by {steps} GD steps",
