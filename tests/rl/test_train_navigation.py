@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from mg_cli import run_cli
 
+from metagrad.cli import main
 from metagrad.rl._train import NavigationConfig, NavigationTrainer
 from metagrad.training._checkpoint import load_checkpoint
 
@@ -168,3 +170,31 @@ def test_eval_of_a_navigation_checkpoint(
     assert (ev / "results.json").exists() and (ev / "navigation_returns.png").exists()
     assert run(["eval", str(out), "--trace", "3"]) == 2
     assert "do(es) not apply to a navigation checkpoint" in capsys.readouterr().err
+
+
+def test_progress_goes_through_the_metagrad_logger(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="metagrad")
+    NavigationTrainer(tiny(iterations=2, pretrain_iterations=1), progress=True).train()
+    lines = [r.getMessage() for r in caplog.records if r.name == "metagrad"]
+    assert [m.split(":")[0] for m in lines] == [
+        "navigation maml 1/2", "navigation maml 2/2", "navigation pretrained 1/1",
+    ]  # fmt: skip
+    assert all(r.levelno == logging.INFO for r in caplog.records)
+    assert "return before" in lines[0] and "s/it" in lines[0]
+    caplog.clear()
+    NavigationTrainer(tiny(iterations=1, pretrain_iterations=0), progress=False).train()
+    assert not caplog.records
+
+
+def test_quiet_silences_the_progress_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "navigation", "--iterations", "1", "--pretrain-iterations", "0",
+            "--no-plots", *[a for a in TINY if a != "--no-progress"]]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert "metagrad train: navigation maml 1/1: return before" in captured.err
+    assert "MAML (trpo) on 2D navigation" in captured.out  # the result table is not a message
+    assert main(["--quiet", *args, "--output", str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert "navigation maml" not in captured.err and "MAML (trpo)" in captured.out

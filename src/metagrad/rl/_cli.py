@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -27,8 +28,11 @@ from metagrad.rl._train import (
     validate,
 )
 from metagrad.training._checkpoint import CheckpointError, load_checkpoint
+from metagrad.training._cli import cli_logging, log_level
 from metagrad.training._config import ConfigError, read_config_file
 from metagrad.training._trainer import prepare_eval_output
+
+_log = logging.getLogger("metagrad")
 
 # ---------------------------------------------------------------------------------- report
 
@@ -141,7 +145,8 @@ def maybe_run_navigation(args: argparse.Namespace) -> int | None:
             return 2
         return None
     try:
-        return _run(args)
+        with cli_logging("train", log_level(args)):  # progress lines and notes, as for train
+            return _run(args)
     except (ConfigError, CheckpointError, ValueError, OSError, FloatingPointError) as err:
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"metagrad train: error: {msg}", file=sys.stderr)
@@ -207,7 +212,7 @@ def _run(args: argparse.Namespace) -> int:
             plot_rl_learning_curves(out / METRICS, out / "learning_curves.png")
             made += ["navigation_returns.png", "learning_curves.png"]
         except ImportError as err:
-            print(f"metagrad train: note: plots skipped: {err}", file=sys.stderr)
+            _log.info("note: plots skipped: %s", err)
     print(f"wrote {out / made[0]}" + "".join(f", {m}" for m in made[1:]))
     return 0
 

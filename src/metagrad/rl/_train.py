@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,7 @@ from metagrad.training._config import ConfigError
 from metagrad.training._evaluate import mean_ci95
 from metagrad.training._trainer import _Sigint, prepare_output
 
+_log = logging.getLogger("metagrad")
 TASK = "navigation"
 KIND = "metagrad-rl/navigation/1"
 METRICS = "metrics.csv"
@@ -274,7 +275,8 @@ class NavigationTrainer:
         resume: continue the checkpoint in ``output`` (its config must match, bookkeeping
             settings aside).
         overwrite: replace an earlier run in ``output``.
-        progress: one status line per ``log_every`` iterations on stderr.
+        progress: one status line per ``log_every`` iterations, an INFO record of the
+            ``"metagrad"`` logger (``metagrad train`` shows it on stderr; ``--quiet`` hides it).
     """
 
     def __init__(
@@ -397,11 +399,10 @@ class NavigationTrainer:
                     self._log(row)
                     it = phase.iteration
                     if self.progress and (it % self.cfg.log_every == 0 or it == phase.total):
-                        print(
-                            f"navigation {name} {it}/{phase.total}: return before "
-                            f"{row['return_before']:.2f}, after {row['return_after']:.2f} "
-                            f"({phase.elapsed / max(it, 1):.2f} s/it)",
-                            file=sys.stderr, flush=True,
+                        _log.info(
+                            "navigation %s %d/%d: return before %.2f, after %.2f (%.2f s/it)",
+                            name, it, phase.total, row["return_before"], row["return_after"],
+                            phase.elapsed / max(it, 1),
                         )  # fmt: skip
                     if it % self.cfg.checkpoint_every == 0:
                         self.save()
