@@ -68,6 +68,29 @@ def _zero(model: nn.Module) -> None:
         p.grad = None
 
 
+def _summed_query_step(
+    model: nn.Module, task_loss: Callable[[Grads, Tensor, Tensor, Tensor, Tensor], Tensor]
+) -> Callable[[Tasks], Grads]:
+    """The meta-step of the peers that sum the tasks' query losses and call backward once.
+
+    ``task_loss(theta, xs_i, ys_i, xq_i, yq_i)`` adapts to task ``i`` and returns its query loss
+    (``theta``: the model's parameters by name).
+    """
+
+    def step(tasks: Tasks) -> Grads:
+        xs, ys, xq, yq = tasks
+        T = xs.shape[0]
+        _zero(model)
+        theta = dict(model.named_parameters())
+        total = 0.0
+        for i in range(T):
+            total = total + task_loss(theta, xs[i], ys[i], xq[i], yq[i])
+        (total / T).backward()
+        return _grads_of(model)
+
+    return step
+
+
 # --------------------------------------------------------------------------------------------
 # (a) plain per-task loop: functional_call + autograd.grad(create_graph=True), one backward
 # --------------------------------------------------------------------------------------------
@@ -86,23 +109,15 @@ def plain_loop(
     if prep is None:
         prep = _same
 
-    def step(tasks: Tasks) -> Grads:
-        xs, ys, xq, yq = tasks
-        T = xs.shape[0]
-        _zero(model)
-        theta = dict(model.named_parameters())
-        total = 0.0
-        for i in range(T):
-            fast = theta
-            for _ in range(steps):
-                loss = loss_fn(functional_call(model, fast, (prep(xs[i]),)), ys[i])
-                gs = torch.autograd.grad(loss, list(fast.values()), create_graph=create)
-                fast = {k: w - lr * g for (k, w), g in zip(fast.items(), gs)}
-            total = total + loss_fn(functional_call(model, fast, (prep(xq[i]),)), yq[i])
-        (total / T).backward()
-        return _grads_of(model)
+    def task_loss(theta: Grads, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
+        fast = theta
+        for _ in range(steps):
+            loss = loss_fn(functional_call(model, fast, (prep(x_s),)), y_s)
+            gs = torch.autograd.grad(loss, list(fast.values()), create_graph=create)
+            fast = {k: w - lr * g for (k, w), g in zip(fast.items(), gs)}
+        return loss_fn(functional_call(model, fast, (prep(x_q),)), y_q)
 
-    return step
+    return _summed_query_step(model, task_loss)
 
 
 def plain_loop_fo(model: nn.Module, wl: MetaWorkload):
@@ -175,23 +190,15 @@ def torchopt_func(model: nn.Module, wl: MetaWorkload):
     assert torchopt is not None
     to = torchopt
 
-    def step(tasks: Tasks) -> Grads:
-        xs, ys, xq, yq = tasks
-        T = xs.shape[0]
-        _zero(model)
-        theta = dict(model.named_parameters())
-        total = 0.0
-        for i in range(T):
-            opt = to.FuncOptimizer(to.sgd(lr=wl.inner_lr))  # type: ignore[attr-defined]
-            fast = theta
-            for _ in range(wl.steps):
-                loss = wl.loss_fn(functional_call(model, fast, (xs[i],)), ys[i])
-                fast = opt.step(loss, fast)
-            total = total + wl.loss_fn(functional_call(model, fast, (xq[i],)), yq[i])
-        (total / T).backward()
-        return _grads_of(model)
+    def task_loss(theta: Grads, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
+        opt = to.FuncOptimizer(to.sgd(lr=wl.inner_lr))  # type: ignore[attr-defined]
+        fast = theta
+        for _ in range(wl.steps):
+            loss = wl.loss_fn(functional_call(model, fast, (x_s,)), y_s)
+            fast = opt.step(loss, fast)
+        return wl.loss_fn(functional_call(model, fast, (x_q,)), y_q)
 
-    return step
+    return _summed_query_step(model, task_loss)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,24 +228,16 @@ def _update_module(module: nn.Module, updates: dict[str, Tensor]) -> None:
 
 
 def l2l_style(model: nn.Module, wl: MetaWorkload):
+    def task_loss(theta: Grads, x_s: Tensor, y_s: Tensor, x_q: Tensor, y_q: Tensor) -> Tensor:
+        learner = _clone_module(model)
+        for _ in range(wl.steps):
+            named = list(learner.named_parameters())
+            loss = wl.loss_fn(learner(x_s), y_s)
+            gs = torch.autograd.grad(loss, [p for _, p in named], create_graph=True)
+            _update_module(learner, {n: p - wl.inner_lr * g for (n, p), g in zip(named, gs)})
+        return wl.loss_fn(learner(x_q), y_q)
 
-    def step(tasks: Tasks) -> Grads:
-        xs, ys, xq, yq = tasks
-        T = xs.shape[0]
-        _zero(model)
-        total = 0.0
-        for i in range(T):
-            learner = _clone_module(model)
-            for _ in range(wl.steps):
-                named = list(learner.named_parameters())
-                loss = wl.loss_fn(learner(xs[i]), ys[i])
-                gs = torch.autograd.grad(loss, [p for _, p in named], create_graph=True)
-                _update_module(learner, {n: p - wl.inner_lr * g for (n, p), g in zip(named, gs)})
-            total = total + wl.loss_fn(learner(xq[i]), yq[i])
-        (total / T).backward()
-        return _grads_of(model)
-
-    return step
+    return _summed_query_step(model, task_loss)
 
 
 # --------------------------------------------------------------------------------------------
