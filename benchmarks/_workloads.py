@@ -161,61 +161,66 @@ def peer_copy(model: nn.Module) -> nn.Module:
     return out.train()
 
 
+def _sinusoid_workload(steps: int) -> MetaWorkload:
+    """MAML's sinusoid MLP on 25 tasks, K=10 support / 10 query, ``steps`` inner SGD steps."""
+    return MetaWorkload(
+        name=f"sinusoid-{steps}step",
+        description="sinusoid MLP 1-40-40-1 (1761 params), 25 tasks, K=10 support / 10 query, "
+        f"{steps} inner SGD step{'s' if steps > 1 else ''} (lr 0.01)",
+        make_model=sinusoid_mlp,
+        loss_fn=F.mse_loss,
+        inner_lr=0.01,
+        steps=steps,
+        make_tasks=lambda g: sinusoid_tasks(25, 10, 10, g),
+        time_budget_s=25.0,
+    )
+
+
+def _conv4_workload(
+    tasks: int,
+    description: str,
+    time_budget_s: float,
+    gate_from: str | None = None,
+    second_order_only: bool = False,
+) -> MetaWorkload:
+    """conv-4 + BatchNorm (64 filters, 28x28x1) on ``tasks`` 5-way 1-shot tasks, 15 queries
+    per class, 1 inner SGD step (lr 0.4); one-task warm-up, wrong rows untimed."""
+    return MetaWorkload(
+        name=f"conv4-bn-{tasks}tasks",
+        description=description,
+        make_model=lambda: conv4(n_way=5, hidden=64, image_size=28),
+        loss_fn=F.cross_entropy,
+        inner_lr=0.4,
+        steps=1,
+        make_tasks=lambda g: image_tasks(tasks, 5, 1, 15, 28, g),
+        time_budget_s=time_budget_s,
+        time_wrong=False,
+        warmup=1,
+        warmup_tasks=1,
+        gate_from=gate_from,
+        second_order_only=second_order_only,
+    )
+
+
 def meta_workloads(quick: bool) -> list[MetaWorkload]:
     out = [
-        MetaWorkload(
-            name="sinusoid-1step",
-            description="sinusoid MLP 1-40-40-1 (1761 params), 25 tasks, K=10 support / 10 query, "
-            "1 inner SGD step (lr 0.01)",
-            make_model=sinusoid_mlp,
-            loss_fn=F.mse_loss,
-            inner_lr=0.01,
-            steps=1,
-            make_tasks=lambda g: sinusoid_tasks(25, 10, 10, g),
-            time_budget_s=25.0,
-        ),
-        MetaWorkload(
-            name="sinusoid-5step",
-            description="sinusoid MLP 1-40-40-1 (1761 params), 25 tasks, K=10 support / 10 query, "
-            "5 inner SGD steps (lr 0.01)",
-            make_model=sinusoid_mlp,
-            loss_fn=F.mse_loss,
-            inner_lr=0.01,
-            steps=5,
-            make_tasks=lambda g: sinusoid_tasks(25, 10, 10, g),
-            time_budget_s=25.0,
-        ),
-        MetaWorkload(
-            name="conv4-bn-8tasks",
-            description="conv-4 + BatchNorm (64 filters, 28x28x1, 112,261 params), 5-way 1-shot, "
+        _sinusoid_workload(1),
+        _sinusoid_workload(5),
+        _conv4_workload(
+            8,
+            "conv-4 + BatchNorm (64 filters, 28x28x1, 112,261 params), 5-way 1-shot, "
             "15 queries per class, 8 tasks, 1 inner SGD step (lr 0.4)",
-            make_model=lambda: conv4(n_way=5, hidden=64, image_size=28),
-            loss_fn=F.cross_entropy,
-            inner_lr=0.4,
-            steps=1,
-            make_tasks=lambda g: image_tasks(8, 5, 1, 15, 28, g),
-            time_budget_s=60.0,
-            time_wrong=False,
-            warmup=1,
-            warmup_tasks=1,
+            60.0,
         ),
     ]
     if not quick:
         out.append(
-            MetaWorkload(
-                name="conv4-bn-32tasks",
-                description="conv-4 + BatchNorm (64 filters, 28x28x1), 5-way 1-shot, 15 queries "
+            _conv4_workload(
+                32,
+                "conv-4 + BatchNorm (64 filters, 28x28x1), 5-way 1-shot, 15 queries "
                 "per class, 32 tasks, 1 inner SGD step (lr 0.4); second-order rows only",
-                make_model=lambda: conv4(n_way=5, hidden=64, image_size=28),
-                loss_fn=F.cross_entropy,
-                inner_lr=0.4,
-                steps=1,
-                make_tasks=lambda g: image_tasks(32, 5, 1, 15, 28, g),
-                time_budget_s=120.0,
+                120.0,
                 gate_from="conv4-bn-8tasks",
-                time_wrong=False,
-                warmup=1,
-                warmup_tasks=1,
                 second_order_only=True,
             )
         )
