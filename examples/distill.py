@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _report import write_and_print
 
 from metagrad.workloads import (
     DistillConfig,
@@ -33,7 +34,6 @@ from metagrad.workloads import (
     quote,
     save_image_grid,
     train_on,
-    write_results,
 )
 
 LR_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
@@ -193,15 +193,18 @@ def main() -> None:
         "test": {"metric": "accuracy", "inits": len(EVAL_SEEDS), "rows": rows},
         "runs": {str(k): v for k, v in runs.items()},
     }
-    path = write_results(f"{args.output}/results.json", payload)
-    print(f"\nwrote {path}\n")
-    print("| trained on (10 steps) | test accuracy | learning rate |")
-    print("| --- | --- | --- |")
-    for r in rows:
-        lr_text = (
-            "learned per step" if r["method"] == "distilled" else f"{r['fixed_lr']:g} (best on val)"
-        )
-        print(f"| {r['name']} | {quote(r)} | {lr_text} |")
+    write_and_print(
+        args.output,
+        payload,
+        ("trained on (10 steps)", "test accuracy", "learning rate"),
+        lambda r: (
+            r["name"],
+            quote(r),
+            "learned per step"
+            if r["method"] == "distilled"
+            else f"{r['fixed_lr']:g} (best on val)",
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import argparse
 import dataclasses
 import time
 
+from _report import write_and_print
+
 from metagrad.workloads import (
     HPOConfig,
     accuracy_row,
@@ -25,7 +27,6 @@ from metagrad.workloads import (
     mean_ci95,
     quote,
     tune_hyperparameters,
-    write_results,
 )
 
 
@@ -98,15 +99,18 @@ def main() -> None:
         "test": {"metric": "accuracy", "seeds": args.seeds, "rows": rows},
         "per_seed": per_seed,
     }
-    path = write_results(f"{args.output}/results.json", payload)
-    print(f"\nwrote {path}\n")
-    print("| method | training runs | val accuracy | test accuracy | wall time |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(
-            f"| {r['name']} | {r['training_runs']} | {100 * r['val_accuracy']:.2f}% ± "
-            f"{100 * r['val_accuracy_ci95']:.2f}% | {quote(r)} | {r['wall_time_s']:.0f} s |"
-        )
+    write_and_print(
+        args.output,
+        payload,
+        ("method", "training runs", "val accuracy", "test accuracy", "wall time"),
+        lambda r: (
+            r["name"],
+            str(r["training_runs"]),
+            f"{100 * r['val_accuracy']:.2f}% ± {100 * r['val_accuracy_ci95']:.2f}%",
+            quote(r),
+            f"{r['wall_time_s']:.0f} s",
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from _report import write_and_print
 
 from metagrad.workloads import (
     ReweightConfig,
@@ -33,7 +34,6 @@ from metagrad.workloads import (
     symmetric_noise,
     train_plain,
     train_reweighted,
-    write_results,
 )
 
 
@@ -129,13 +129,16 @@ def main() -> None:
         "test": {"metric": "accuracy", "seeds": args.seeds, "rows": rows},
         "test_accuracy_per_epoch": curves,
     }
-    path = write_results(f"{args.output}/results.json", payload)
-    print(f"\nwrote {path}\n")
-    print("| training | clean test accuracy | wall time (all seeds) |")
-    print("| --- | --- | --- |")
-    for r in rows:
-        t = "" if r["method"] == "plain_early" else f"{r['wall_time_s']:.0f} s"
-        print(f"| {r['name']} | {quote(r)} | {t} |")
+    write_and_print(
+        args.output,
+        payload,
+        ("training", "clean test accuracy", "wall time (all seeds)"),
+        lambda r: (
+            r["name"],
+            quote(r),
+            "" if r["method"] == "plain_early" else f"{r['wall_time_s']:.0f} s",
+        ),
+    )
 
 
 if __name__ == "__main__":
