@@ -1,7 +1,9 @@
-"""``metagrad.load``: the learner of a ``metagrad train`` run back in one call."""
+"""``metagrad.load``: the learner of a ``metagrad train`` run (or the policies of a
+``metagrad train navigation`` run) back in one call."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,11 @@ from torch import nn
 
 import metagrad
 from metagrad.cli import main
-from metagrad.tasks import SinusoidTasks
+from metagrad.rl import NavigationPolicy
+from metagrad.rl._train import TEST_STREAM
+from metagrad.tasks import SinusoidTasks, derive_seed
 from metagrad.training import CheckpointError, Trainer, evaluate, load_checkpoint
+from metagrad.training._checkpoint import save_checkpoint
 
 TINY = ["--iterations", "3", "--meta-batch", "2", "--eval-tasks", "2", "--val-every", "2",
         "--val-tasks", "2", "--test-steps", "0,1", "--no-progress", "--no-plots"]  # fmt: skip
@@ -84,3 +89,74 @@ def test_errors_are_checkpoint_errors(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(1)}, bad)
     with pytest.raises(CheckpointError, match="not a metagrad training checkpoint"):
         metagrad.load(bad)
+
+
+NAV = ["--iterations", "2", "--pretrain-iterations", "1", "--meta-batch", "2", "--trajectories",
+       "2", "--horizon", "4", "--hidden", "4", "--eval-tasks", "3", "--fisher-tasks", "1",
+       "--no-progress", "--no-plots"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def navigation_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "navigation"
+    assert main(["train", "navigation", "--output", str(out), *NAV]) == 0
+    return out
+
+
+def test_load_a_navigation_run(navigation_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = metagrad.load(navigation_run)
+    assert isinstance(policy, NavigationPolicy) and policy.iteration == 2
+    assert "NavigationPolicy(maml-trpo, 2 meta-iterations" in repr(policy)
+    ckpt = load_checkpoint(navigation_run)
+    assert policy.pretrained is not None and set(policy.params) == set(ckpt["learner"])
+    for k, v in ckpt["learner"].items():
+        assert torch.equal(policy.params[k], v), k
+        assert torch.equal(policy.pretrained[k], ckpt["pretrained"][k]), k
+    assert set(policy.policies()) == {"maml", "pretrained", "random"}
+    assert policy.config.horizon == 4 and policy.env.horizon == 4
+    # the evaluation `metagrad train` wrote and `metagrad eval` prints
+    res = json.loads((navigation_run / "results.json").read_text())
+    assert json.loads(json.dumps(policy.evaluate()["rows"])) == res["policies"]
+    capsys.readouterr()
+    argv = ["eval", str(navigation_run), "--tasks", "2", "--test-steps", "0,1", "--seed", "7"]
+    assert main([*argv, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    mine = policy.evaluate(tasks=2, test_steps=[0, 1], seed=7)
+    assert printed == json.loads(json.dumps(mine))
+    assert policy.config.eval_tasks == 3  # evaluate's settings do not stick
+
+
+def test_loaded_navigation_policy_adapts_like_the_evaluation(navigation_run: Path) -> None:
+    policy = metagrad.load(navigation_run)
+    assert isinstance(policy, NavigationPolicy)
+    ref = policy.evaluate(tasks=2, test_steps=[0, 1], seed=7)["rows"]["maml"]
+
+    # the held-out goals and random numbers of that evaluation (2 tasks: one chunk)
+    def generator() -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(7, TEST_STREAM))
+
+    gen, n = generator(), policy.config.eval_trajectories
+    goals = policy.env.sample_goals(2, gen)
+    fast = policy.adapt(goals, 1, generator=gen)  # draws the "0 steps" trajectories, one step
+    assert set(fast) == set(policy.params) and fast["log_std"].shape == (2, 2)
+    after = policy.rollout(goals, n, params=fast, generator=gen)
+    gen = generator()
+    before = policy.rollout(policy.env.sample_goals(2, gen), n, generator=gen)
+    for row, roll in zip(ref, (before, after)):
+        assert row["return"] == pytest.approx(float(roll.returns().mean(1).double().mean()))
+    same = policy.adapt(goals, 0)
+    assert torch.equal(same["l0.weight"][1], policy.params["l0.weight"])
+    obs = torch.zeros(2, 5, 2)
+    assert policy.act(obs, params=fast).shape == (2, 5, 2)
+    assert torch.equal(policy.act(obs[0], deterministic=True),
+                       policy.act(obs[0], deterministic=True))  # fmt: skip
+    with pytest.raises(ValueError, match="steps=-1 must be an int >= 0"):
+        policy.adapt(goals, -1)
+
+
+def test_navigation_errors(navigation_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="navigation run, which runs on the CPU only"):
+        metagrad.load(navigation_run, device="cuda")
+    save_checkpoint({"kind": "someone-else/1", "config": {}}, tmp_path)
+    with pytest.raises(CheckpointError, match="kind 'someone-else/1', which this metagrad"):
+        metagrad.load(tmp_path)

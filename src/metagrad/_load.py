@@ -1,4 +1,8 @@
-"""``metagrad.load``: the trained learner of a ``metagrad train`` run, in one call.
+"""``metagrad.load``: what a ``metagrad train`` run trained, in one call.
+
+A supervised run gives back its learner; a ``metagrad train navigation`` run its policies
+(:class:`metagrad.rl.NavigationPolicy`, rebuilt by :meth:`NavigationTrainer.from_checkpoint
+<metagrad.rl._train.NavigationTrainer.from_checkpoint>`, as ``metagrad eval`` does).
 
 The checkpoint (``checkpoint.pt``, read with ``torch.load(weights_only=True)``) stores the run's
 :class:`~metagrad.training.TrainConfig` and the learner's ``state_dict``; the learner is rebuilt
@@ -17,6 +21,7 @@ import torch
 
 if TYPE_CHECKING:
     from metagrad.algorithms._base import Learner
+    from metagrad.rl._trained import NavigationPolicy
 
 _FN = "metagrad.load"
 
@@ -40,8 +45,11 @@ def _image_shape(cfg: Any, state: dict[str, torch.Tensor]) -> tuple[int, int, in
     return channels, 16 * side, 16 * side
 
 
-def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Learner:
-    """The meta-trained learner saved by ``metagrad train`` (a run folder or a checkpoint file).
+def load(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> Learner | NavigationPolicy:
+    """What ``metagrad train`` saved (a run folder or a checkpoint file): the meta-trained
+    learner, or for ``metagrad train navigation`` the trained policies.
 
     The learner is the one the run trained (``MAML``, ``MetaSGD``, ``ANIL``, ``MAMLpp``,
     ``Reptile`` or ``IMAML``, with its inner learning rate, step counts and any learned rates),
@@ -50,17 +58,25 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     and ``learner.predict(params, xq)``, or score a sampler with
     :func:`metagrad.training.evaluate`.
 
+    A navigation run (``metagrad train navigation``) gives a
+    :class:`metagrad.rl.NavigationPolicy`: ``policy.params`` (MAML's meta-learned Gaussian
+    policy), ``policy.pretrained`` and ``policy.init`` (the baselines), ``policy.config``;
+    ``policy.adapt(goals, steps)`` adapts it to new goals, ``policy.rollout(goals, n)`` runs
+    it, ``policy.evaluate()`` is the evaluation ``metagrad eval`` prints. It runs on the CPU.
+
     Args:
         path: the run folder given to ``metagrad train --output`` (its ``checkpoint.pt``, or
             ``checkpoint.prev.pt`` if the last save was interrupted) or a checkpoint file.
         device: where to put the model (default CPU, whatever device the run used).
 
     Returns:
-        The learner, in eval mode, on ``device``.
+        The learner, in eval mode, on ``device``; or the navigation run's
+        :class:`~metagrad.rl.NavigationPolicy`.
 
     Raises:
-        metagrad.training.CheckpointError: no checkpoint there, not a metagrad checkpoint, or
-            written by an incompatible version.
+        metagrad.training.CheckpointError: no checkpoint there, not a metagrad checkpoint
+            (neither a supervised nor a navigation run), or written by an incompatible version.
+        ValueError: a navigation run with a ``device`` other than the CPU.
 
     Example:
         >>> import metagrad, torch
@@ -70,11 +86,31 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         >>> learner.predict(fast, xs).shape  # doctest: +SKIP
         torch.Size([10, 1])
     """
+    from metagrad.rl._train import KIND as NAVIGATION
     from metagrad.training._build import make_learner, make_model
     from metagrad.training._checkpoint import CheckpointError, load_checkpoint
     from metagrad.training._config import TrainConfig
 
     ckpt = load_checkpoint(path)
+    kind = ckpt.get("kind")
+    if kind == NAVIGATION:
+        if torch.device(device).type != "cpu":
+            raise ValueError(
+                f"{_FN}: {str(path)!r} is a navigation run, which runs on the CPU only; drop "
+                f"device={str(device)!r}."
+            )
+        from metagrad.rl._trained import NavigationPolicy
+
+        try:
+            return NavigationPolicy.from_checkpoint(ckpt)
+        except CheckpointError as err:
+            raise CheckpointError(f"{_FN}: {str(path)!r}: {err}") from None
+    if kind is not None:
+        raise CheckpointError(
+            f"{_FN}: {str(path)!r} holds a checkpoint of kind {kind!r}, which this metagrad "
+            f"version cannot load: it loads runs of `metagrad train` (the supervised tasks) and "
+            f"`metagrad train navigation` ({NAVIGATION!r})."
+        )
     stored = dict(ckpt.get("config", {}))
     try:
         cfg = TrainConfig(**stored).replace(device=str(device))

@@ -12,7 +12,8 @@
   products by :func:`metagrad.hvp`, solved by :func:`metagrad.bilevel.cg`).
 
 ``metagrad train navigation`` runs the paper's experiment (``metagrad.rl._train``, its CLI in
-``metagrad.rl._cli``).
+``metagrad.rl._cli``); ``metagrad.load(run_folder)`` gives its trained policies back as a
+:class:`NavigationPolicy` (adapt to new goals, roll out, evaluate as ``metagrad eval`` does).
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ from metagrad.rl._policy import (
     init_gaussian_mlp,
     is_batched,
 )
+from metagrad.rl._trained import NavigationPolicy
 from metagrad.rl._trpo import TRPOInfo, fisher_vector_product, trpo_step
 
 __all__ = [
     "Navigation2D",
+    "NavigationPolicy",
     "PGBatch",
     "Rollout",
     "TRPOInfo",

@@ -234,13 +234,9 @@ def maybe_eval_navigation(args: argparse.Namespace) -> int | None:
                 f"{', '.join(given) or '--trace'} do(es) not apply to a navigation checkpoint; "
                 f"it takes --tasks, --test-steps, --seed, --output, --no-plots, --json."
             )
-        values = dict(ckpt["config"])
-        if args.tasks is not None:
-            values["eval_tasks"] = args.tasks
-        if args.test_steps is not None:
-            values["test_steps"] = args.test_steps
-        trainer = NavigationTrainer(validate(NavigationConfig(**values)))
-        trainer._restore(ckpt)
+        trainer = NavigationTrainer.from_checkpoint(
+            ckpt, eval_tasks=args.tasks, test_steps=args.test_steps
+        )
         out = prepare_eval_output(args.output) if args.output else None
         t0 = time.perf_counter()
         evaluation = trainer.evaluate(seed=args.seed)

@@ -303,6 +303,52 @@ class NavigationTrainer:
         if resume and self.output is not None:
             self._restore(load_checkpoint(self.output))
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike[str] | dict[str, Any],
+        *,
+        eval_tasks: int | None = None,
+        test_steps: list[int] | None = None,
+        restore_rng: bool = True,
+    ) -> NavigationTrainer:
+        """The trained run of a navigation checkpoint, to evaluate (``metagrad eval``) or use.
+
+        Args:
+            checkpoint: a run folder, a checkpoint file, or a checkpoint already loaded with
+                :func:`~metagrad.training.load_checkpoint`.
+            eval_tasks, test_steps: replace the run's evaluation settings.
+            restore_rng: also restore the global RNG states saved with it (as ``--resume``
+                does); :meth:`evaluate` draws from its own generator either way.
+
+        Raises:
+            metagrad.training.CheckpointError: not a navigation checkpoint, or one with
+                settings this version does not know.
+        """
+        ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        if ckpt.get("kind") != KIND:
+            raise CheckpointError(
+                f"not a navigation checkpoint (kind {ckpt.get('kind')!r}, task "
+                f"{dict(ckpt.get('config') or {}).get('task')!r}); `metagrad train navigation` "
+                f"writes those."
+            )
+        values = dict(ckpt["config"])
+        if eval_tasks is not None:
+            values["eval_tasks"] = eval_tasks
+        if test_steps is not None:
+            values["test_steps"] = list(test_steps)
+        try:
+            cfg = NavigationConfig(**values)
+        except TypeError as err:
+            raise CheckpointError(
+                f"the navigation checkpoint holds settings this metagrad version does not know "
+                f"({err}); use the version that wrote it "
+                f"({ckpt.get('metagrad_version', 'unknown')})."
+            ) from None
+        trainer = cls(validate(cfg))
+        trainer._restore(ckpt, rng=restore_rng)
+        return trainer
+
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         maml, pre = self.phases["maml"].state_dict(), self.phases["pretrained"].state_dict()
@@ -322,7 +368,7 @@ class NavigationTrainer:
         if self.output is not None:
             save_checkpoint(self.state_dict(), self.output)
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
+    def _restore(self, ckpt: dict[str, Any], *, rng: bool = True) -> None:
         if ckpt.get("kind") != KIND:
             raise CheckpointError(
                 f"{str(self.output)!r} holds a checkpoint of task "
@@ -343,7 +389,8 @@ class NavigationTrainer:
             state = dict(ckpt["phases"][name])
             state["params"] = ckpt["learner"] if name == "maml" else ckpt["pretrained"]
             phase.load_state_dict(state)
-        set_rng_state(ckpt["rng"])
+        if rng:
+            set_rng_state(ckpt["rng"])
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
