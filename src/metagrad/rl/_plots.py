@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from metagrad.training._plots import _pyplot
+from metagrad.training._plots import _pyplot, _save_figure
 
 _STYLE = {
     "maml": ("MAML", "#d62728", "o"),
@@ -36,11 +36,7 @@ def plot_navigation_returns(evaluation: dict[str, Any], path: str | os.PathLike[
     ax.set_title(f"2D navigation ({evaluation['tasks']} test tasks)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_figure(plt, fig, path)
 
 
 def plot_rl_learning_curves(metrics: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
@@ -67,8 +63,4 @@ def plot_rl_learning_curves(metrics: str | os.PathLike[str], path: str | os.Path
     ax.set_ylabel("average return (training tasks)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save_figure(plt, fig, path)

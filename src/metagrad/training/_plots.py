@@ -35,6 +35,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save_figure(plt: Any, fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Lay out ``fig``, write it to ``path`` (110 dpi), close it; returns the path."""
+    fig.tight_layout()
+    out_path = Path(path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 def plot_sinusoid_fits(
     learner: Learner,
     tasks: SinusoidTasks,
@@ -93,11 +102,7 @@ def plot_sinusoid_fits(
         ax.set_xlabel("x")
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{type(learner).__name__}, K={xs.shape[1]}")
-    fig.tight_layout()
-    out_path = Path(path)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save_figure(plt, fig, path)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
@@ -168,8 +173,4 @@ def plot_learning_curves(
         ax2.set_ylabel("query accuracy (%)")
         ax2.legend()
         ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    out_path = Path(path)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save_figure(plt, fig, path)
