@@ -158,6 +158,10 @@ def test_result_is_frozen_and_serialisable() -> None:
 
 
 _finite = st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False)
+# One toy problem: initial (w0, b0), support (xs, ys), query (xq, yq), inner step size alpha.
+_toy_inputs = {k: _finite for k in ("w0", "b0", "xs", "ys", "xq", "yq")} | {
+    "alpha": st.floats(0.0, 2.0)
+}
 
 
 def _sum_of_term_magnitudes(r: ToyResult) -> tuple[float, float]:
@@ -171,16 +175,7 @@ def _sum_of_term_magnitudes(r: ToyResult) -> tuple[float, float]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    w0=_finite,
-    b0=_finite,
-    xs=_finite,
-    ys=_finite,
-    xq=_finite,
-    yq=_finite,
-    alpha=st.floats(0.0, 2.0),
-    order=st.sampled_from([1, 2]),
-)
+@given(**_toy_inputs, order=st.sampled_from([1, 2]))
 def test_autograd_matches_closed_form(
     w0: float, b0: float, xs: float, ys: float, xq: float, yq: float, alpha: float, order: int
 ) -> None:
@@ -204,15 +199,7 @@ def _query_loss_after_adaptation(
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    w0=_finite,
-    b0=_finite,
-    xs=_finite,
-    ys=_finite,
-    xq=_finite,
-    yq=_finite,
-    alpha=st.floats(0.0, 2.0),
-)
+@given(**_toy_inputs)
 def test_second_order_matches_central_differences(
     w0: float, b0: float, xs: float, ys: float, xq: float, yq: float, alpha: float
 ) -> None:
