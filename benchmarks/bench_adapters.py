@@ -21,14 +21,13 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from _cell import run_cell
 
 VARIANTS = ("full", "lora", "lora_adapt")
 
@@ -75,17 +74,10 @@ def _cell(
 
 
 def _run_cell(variant: str, steps: int, repeats: int, dim: int, depth: int) -> dict[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import bench_adapters as b; "
-        f"print(json.dumps(b._cell({variant!r}, {steps}, {repeats}, {dim}, {depth})))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr.strip().splitlines()[-1])
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    res, err = run_cell("bench_adapters", variant, steps, repeats, dim, depth)
+    if err is not None:
+        raise RuntimeError(err)
+    return res  # type: ignore[no-any-return]
 
 
 def main() -> None:

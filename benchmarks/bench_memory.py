@@ -25,9 +25,9 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
+
+from _cell import run_cell
 
 STRATEGIES = ("create_graph", "hvp_chain", "checkpoint", "imaml", "first_order")
 
@@ -93,21 +93,10 @@ def _cell(workload: str, strategy: str, steps: int, repeats: int) -> dict[str, f
 
 
 def _run_cell(workload: str, strategy: str, steps: int, repeats: int) -> dict[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import bench_memory as b; "
-        f"print(json.dumps(b._cell({workload!r}, {strategy!r}, {steps}, {repeats})))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-    )
-    if out.returncode != 0:
-        return {
-            "peak_mb": float("nan"),
-            "ms": float("nan"),
-            "error": out.stderr.strip().splitlines()[-1],
-        }  # type: ignore[dict-item]
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    res, err = run_cell("bench_memory", workload, strategy, steps, repeats)
+    if err is not None:
+        return {"peak_mb": float("nan"), "ms": float("nan"), "error": err}  # type: ignore[dict-item]
+    return res  # type: ignore[no-any-return]
 
 
 def main() -> None:
