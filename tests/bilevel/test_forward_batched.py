@@ -175,7 +175,7 @@ class _Square(torch.autograd.Function):
 
 
 def test_objective_that_cannot_be_vmapped_falls_back_to_the_loop(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pb, w0, h, di, do = _setup("adam", 5)
 
@@ -192,6 +192,21 @@ def test_objective_that_cannot_be_vmapped_falls_back_to_the_loop(
         res = bilevel.hypergrad(pb, w0, h, di, do, strategy="forward")
     assert "could not vmap over tangent directions" in caplog.text
     assert _rel(_flat(res), _flat(ref)) < 1e-10
+    # with a cache, only the first call tries (and pays for) the batched pass
+    calls: list[int] = []
+    batched = _forward._batched
+
+    def spy(objective: Any, diff: list[Tensor], chunk_size: int) -> Any:
+        calls.append(chunk_size)
+        return batched(objective, diff, chunk_size)
+
+    monkeypatch.setattr(_forward, "_batched", spy)
+    cache = bilevel.Cache()
+    flat = Flat(MetaParams(w0, h, pb.optimizer.hyperparams()), True)
+    for _ in range(2):
+        again = _forward.forward_mode(pb, flat, di, do, batched=False, cache=cache)
+        assert _rel(_flat(again), _flat(ref)) < 1e-10
+    assert len(calls) == 1
 
 
 def _torch_has_the_scalar_dtype_bug() -> bool:

@@ -24,6 +24,7 @@ for a handful of scalars (learning rates, weight decay), not for a network's ini
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from metagrad._compat import pytree
 from metagrad.bilevel._inner import FuncBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index
-from metagrad.bilevel._vmap import ForeignUnderVmap
+from metagrad.bilevel._vmap import Cache, ForeignUnderVmap
 from metagrad.derivatives._forward_ad_fix import MeanMSEAsNone, is_forward_ad_gap
 from metagrad.functional._attention import higher_order_attention
 
@@ -73,12 +74,15 @@ def forward_mode(
     *,
     batched: bool,
     chunk_size: int | None = None,
+    cache: Cache | None = None,
 ) -> HyperGrad:
     """Mean outer objective and its gradient by forward mode, ``chunk_size`` directions a pass.
 
     Args:
         chunk_size: tangent directions (scalar hyperparameters) pushed through the inner loop
             together; None: :func:`default_chunk_size`. 1 is the unbatched loop's memory.
+        cache: remembers a problem whose objectives cannot be vmapped over tangent directions,
+            so later calls go straight to the per-scalar loop.
     """
     diff = [flat.leaves[i].detach() for i in flat.wrt]
     dims = sum(d.numel() for d in diff)
@@ -110,25 +114,7 @@ def forward_mode(
         if not diff:
             value, per = objective(diff)
         else:
-            try:
-                value, per, grads = _batched(objective, diff, chunk_size)
-            except RuntimeError as err:
-                plain_ok = _runs_without_jvp(objective, diff)
-                _explain(problem, err, plain_ok)
-                if not plain_ok:
-                    raise  # the objectives fail by themselves: their own error, once
-                # Not vmappable over tangent directions: one jvp per scalar, same numbers.
-                _log.info(
-                    "%s: strategy='forward' could not vmap over tangent directions (%s); one "
-                    "jvp per scalar hyperparameter instead",
-                    problem.name,
-                    str(err).splitlines()[0][:200],
-                )
-                try:
-                    value, per, grads = _loop(objective, diff)
-                except RuntimeError as err2:
-                    _explain(problem, err2, plain_ok=True)
-                    raise
+            value, per, grads = _solve(problem, objective, diff, chunk_size, cache)
     if value.requires_grad:
         raise ForeignUnderVmap(
             f"{problem.name}: an objective closes over a tensor that requires grad, and "
@@ -165,6 +151,35 @@ def _objective(
         return per.mean(), per.detach()
 
     return objective
+
+
+def _solve(
+    problem: Problem, objective: Objective, diff: list[Tensor], chunk: int, cache: Cache | None
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The batched pass, or the per-scalar loop where the objectives cannot be vmapped."""
+    key = ("forward-no-vmap", dataclasses.replace(problem, outer_weights=None))
+    if cache is None or key not in cache.checked:  # not known to fail from an earlier call
+        try:
+            return _batched(objective, diff, chunk)
+        except RuntimeError as err:
+            plain_ok = _runs_without_jvp(objective, diff)
+            _explain(problem, err, plain_ok)
+            if not plain_ok:
+                raise  # the objectives fail by themselves: their own error, once
+            # Not vmappable over tangent directions: one jvp per scalar, the same numbers.
+            _log.info(
+                "%s: strategy='forward' could not vmap over tangent directions (%s); one jvp "
+                "per scalar hyperparameter instead",
+                problem.name,
+                str(err).splitlines()[0][:200],
+            )
+            if cache is not None:
+                cache.checked.add(key)
+    try:
+        return _loop(objective, diff)
+    except RuntimeError as err:
+        _explain(problem, err, plain_ok=True)
+        raise
 
 
 def _batched(
