@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import importlib
-import importlib.metadata
 import json
 import math
 import os
@@ -59,6 +57,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+import _peers  # noqa: E402
 from metagrad import bilevel, optim  # noqa: E402
 from metagrad.workloads import (  # noqa: E402
     MLP,
@@ -69,26 +68,18 @@ from metagrad.workloads import (  # noqa: E402
     lookahead_problem,
 )
 
-
-def _optional(name: str) -> tuple[Any, str | None]:
-    try:
-        return importlib.import_module(name), None
-    except Exception as err:  # any failure to import means "unavailable"
-        return None, f"{type(err).__name__}: {err}".splitlines()[0][:160]
-
-
-higher, HIGHER_ERR = _optional("higher")
-torchopt, TORCHOPT_ERR = _optional("torchopt")
+higher, torchopt = _peers.higher, _peers.torchopt  # imported (or not) once, by _peers
+# Why a peer is unavailable, without _peers' "unavailable: " prefix (machine() adds its own).
+HIGHER_ERR, TORCHOPT_ERR = (
+    None if err is None else err.removeprefix("unavailable: ")[:160]
+    for err in (_peers.HIGHER_ERR, _peers.TORCHOPT_ERR)
+)
 
 Fn = Callable[[], list[Tensor]]
 """One hypergradient computation: returns the gradients in the workload's canonical order."""
 
 
-def version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+version = _peers.package_version
 
 
 # ------------------------------------------------------------------------------------------
