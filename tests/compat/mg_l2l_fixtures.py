@@ -6,12 +6,11 @@ Enough characters that learn2learn's 1100/100/423 split, scaled, leaves 5 valida
 
 from __future__ import annotations
 
-import io
-import zipfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from mg_image_fixtures import distinct_characters as _distinct_characters
+from mg_image_fixtures import make_omniglot_zips
+from mg_image_fixtures import stroke_png as _stroke_png
 
 LAYOUT = {
     "images_background_small1": ["Alpha_Script", "Greek"],
@@ -23,28 +22,16 @@ DRAWERS = 3
 
 def stroke_png(seed: int, size: int = 105) -> bytes:
     """A 1-bit PNG: white background, one random black rectangle (distinct per seed)."""
-    rng = np.random.default_rng(seed)
-    img = np.ones((size, size), dtype=bool)
-    r0, c0 = rng.integers(5, size - 40, size=2)
-    h, w = rng.integers(10, 35, size=2)
-    img[r0 : r0 + h, c0 : c0 + w] = False
-    buf = io.BytesIO()
-    Image.fromarray(img).convert("1").save(buf, format="PNG")
-    return buf.getvalue()
+    return _stroke_png(seed, size, corner=(5, 40), sides=(10, 35), speckle=0.0)
+
+
+def _seed(alphabet: str, char: int, drawer: int) -> int:
+    return sum(map(ord, alphabet)) * 10_000 + char * 100 + drawer
 
 
 def make_zips(folder: Path, characters: int = CHARACTERS, drawers: int = DRAWERS) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stem, alphabets in LAYOUT.items():
-        with zipfile.ZipFile(folder / f"{stem}.zip", "w") as zf:
-            for alphabet in alphabets:
-                for c in range(1, characters + 1):
-                    for d in range(1, drawers + 1):
-                        seed = sum(map(ord, alphabet)) * 10_000 + c * 100 + d
-                        name = f"{stem}/{alphabet}/character{c:02d}/{c:02d}{d:02d}_{d:02d}.png"
-                        zf.writestr(name, stroke_png(seed))
-    return folder
+    return make_omniglot_zips(folder, LAYOUT, characters, drawers, seed=_seed, png=stroke_png)
 
 
 def distinct_characters(characters: int = CHARACTERS) -> int:
-    return len({a for v in LAYOUT.values() for a in v}) * characters
+    return _distinct_characters(LAYOUT, characters)
