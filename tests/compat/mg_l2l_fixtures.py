@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from mg_image_fixtures import distinct_characters as _distinct_characters
 from mg_image_fixtures import make_omniglot_zips
 from mg_image_fixtures import stroke_png as _stroke_png
+from torch import nn
 
 LAYOUT = {
     "images_background_small1": ["Alpha_Script", "Greek"],
@@ -35,3 +37,18 @@ def make_zips(folder: Path, characters: int = CHARACTERS, drawers: int = DRAWERS
 
 def distinct_characters(characters: int = CHARACTERS) -> int:
     return _distinct_characters(LAYOUT, characters)
+
+
+class SineModel(nn.Module):
+    """learn2learn's ``examples/maml_sine.py`` model, as written there: MLP 1-dim-dim-1, ReLU."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.hidden1 = nn.Linear(1, dim)
+        self.hidden2 = nn.Linear(dim, dim)
+        self.hidden3 = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu(self.hidden1(x))
+        x = nn.functional.relu(self.hidden2(x))
+        return self.hidden3(x)

@@ -15,25 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mg_l2l_fixtures import SineModel  # maml_sine.py's model, as written there
 from torch import nn, optim
 
 import metagrad.compat.learn2learn as l2l  # was: import learn2learn as l2l
 
 
 # -- examples/maml_sine.py ---------------------------------------------------------------------
-class SineModel(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.hidden1 = nn.Linear(1, dim)
-        self.hidden2 = nn.Linear(dim, dim)
-        self.hidden3 = nn.Linear(dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.relu(self.hidden1(x))
-        x = nn.functional.relu(self.hidden2(x))
-        return self.hidden3(x)
-
-
 def sinusoid_batches(samples: int, tasks: int, batch_size: int, seed: int = 0):  # type: ignore[no-untyped-def]
     """torchmeta's Sinusoid through BatchMetaDataLoader: (inputs, targets), [B, samples, 1]."""
     g = torch.Generator().manual_seed(seed)

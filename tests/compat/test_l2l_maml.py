@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mg_l2l_fixtures import SineModel
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -459,19 +460,6 @@ def test_property_second_order_matches_manual(width: int, steps: int, lr: float,
 
 
 # -- learn2learn's sinusoid example, only the import changed -----------------------------------
-class SineModel(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.hidden1 = nn.Linear(1, dim)
-        self.hidden2 = nn.Linear(dim, dim)
-        self.hidden3 = nn.Linear(dim, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.hidden1(x))
-        x = F.relu(self.hidden2(x))
-        return self.hidden3(x)
-
-
 def test_sinusoid_maml_loop_reduces_meta_loss() -> None:
     shots, tasks_per_batch, adapt_steps, iterations = 10, 4, 1, 25
     g = torch.Generator().manual_seed(0)
