@@ -91,23 +91,29 @@ def test_non_scalar_loss(learner: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("strategy", ENGINES)
-def test_nan_in_support_data_names_task_and_step(strategy: str) -> None:
+@pytest.mark.parametrize(
+    ("tensor", "index", "value", "match", "task", "step"),
+    [
+        (0, (2, 1), float("nan"), r"support loss at task 2, inner step 0", 2, 0),  # xs
+        (3, (1, 0), float("inf"), r"query loss at task 1", 1, None),  # yq
+    ],
+    ids=["nan-in-support-data-names-task-and-step", "inf-in-query-data-names-task"],
+)
+def test_non_finite_data_names_task_and_step(
+    strategy: str,
+    tensor: int,
+    index: tuple[int, int],
+    value: float,
+    match: str,
+    task: int,
+    step: int | None,
+) -> None:
     learner = MAML(MODELS["mlp"](), F.mse_loss, 0.1, 2, strategy=strategy)
-    xs, ys, xq, yq = tasks("mlp", T=3)
-    xs[2, 1] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"support loss at task 2, inner step 0") as info:
-        learner.meta_loss(xs, ys, xq, yq)
-    assert (info.value.task, info.value.step) == (2, 0)
-
-
-@pytest.mark.parametrize("strategy", ENGINES)
-def test_nan_in_query_data_names_task(strategy: str) -> None:
-    learner = MAML(MODELS["mlp"](), F.mse_loss, 0.1, 2, strategy=strategy)
-    xs, ys, xq, yq = tasks("mlp", T=3)
-    yq[1, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match=r"query loss at task 1") as info:
-        learner.meta_loss(xs, ys, xq, yq)
-    assert (info.value.task, info.value.step) == (1, None)
+    data = tasks("mlp", T=3)  # xs, ys, xq, yq
+    data[tensor][index] = value
+    with pytest.raises(NonFiniteError, match=match) as info:
+        learner.meta_loss(*data)
+    assert (info.value.task, info.value.step) == (task, step)
 
 
 @pytest.mark.parametrize("strategy", ENGINES)
