@@ -309,12 +309,19 @@ def test_iterates_equal_torch_optim_for_20_steps(name: str, scenario: str) -> No
 
 
 # ------------------------------------------------------------------- hypergradients
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_hypergradients_equal_unrolled_reference(name: str, scenario: str) -> None:
+def compat_backward(name: str, scenario: str) -> tuple[nn.Module, list[Tensor] | None]:
+    """A fresh model of ``scenario`` and its learning-rate tensors, after ``backward()`` of
+    the compat meta-loss (gradients in ``.grad``)."""
     model = SCENARIOS[scenario][0]()
     lrs = lr_tensors(name, scenario)
     compat_meta(name, scenario, model, lrs).backward()
+    return model, lrs
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_hypergradients_equal_unrolled_reference(name: str, scenario: str) -> None:
+    model, lrs = compat_backward(name, scenario)
     ref_lrs = None if lrs is None else [lr.detach().clone().requires_grad_() for lr in lrs]
     ref_loss, w0 = reference_meta(name, scenario, model, ref_lrs)
     leaves = [*w0.values(), *(ref_lrs or [])]
@@ -332,9 +339,7 @@ def test_hypergradients_equal_unrolled_reference(name: str, scenario: str) -> No
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_hypergradients_equal_finite_differences(name: str, scenario: str) -> None:
-    model = SCENARIOS[scenario][0]()
-    lrs = lr_tensors(name, scenario)
-    compat_meta(name, scenario, model, lrs).backward()
+    model, lrs = compat_backward(name, scenario)
     eps = 1e-6
     direction = [torch.randn_like(p) for p in model.parameters()]
 
