@@ -114,6 +114,17 @@ def tasks(kind: str, T: int = 2, K: int = 5, Q: int = 4) -> tuple[Tensor, Tensor
 
 
 # -- comparisons ----------------------------------------------------------------------------
+def sequence_tasks(T: int, K: int, S: int, D: int, seed: int) -> tuple[Tensor, ...]:
+    """A seeded float64 meta-batch of sequences: ``xs, xq [T, K, S, D]``, ``ys, yq [T, K, 1]``."""
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(T, K, S, D, generator=g, dtype=F64),
+        torch.randn(T, K, 1, generator=g, dtype=F64),
+        torch.randn(T, K, S, D, generator=g, dtype=F64),
+        torch.randn(T, K, 1, generator=g, dtype=F64),
+    )
+
+
 def flat(d: dict[str, Tensor | None], keys: list[str], like: dict[str, Tensor]) -> Tensor:
     """Concatenate ``d[k]`` (None as zeros shaped like ``like[k]``) into one vector."""
     return torch.cat(

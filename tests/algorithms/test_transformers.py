@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from meta_helpers import assert_unchanged, fd_rel_errors, rel_err, snapshot
+from meta_helpers import assert_unchanged, fd_rel_errors, rel_err, sequence_tasks, snapshot
 from reference import RefConfig, reference_meta_grad
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -83,13 +83,7 @@ VMAP_EXACT = ("mha", "sdpa")  # no LayerNorm: the batched double backward is exa
 
 
 def _tasks(T: int = 2, K: int = 3) -> tuple[Tensor, ...]:
-    g = torch.Generator().manual_seed(3)
-    return (
-        torch.randn(T, K, S, D, generator=g, dtype=F64),
-        torch.randn(T, K, 1, generator=g, dtype=F64),
-        torch.randn(T, K, S, D, generator=g, dtype=F64),
-        torch.randn(T, K, 1, generator=g, dtype=F64),
-    )
+    return sequence_tasks(T, K, S, D, seed=3)
 
 
 def _reference(learner: nn.Module, cfg: RefConfig, batch: tuple[Tensor, ...]) -> dict:

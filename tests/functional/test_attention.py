@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from meta_helpers import sequence_tasks
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
@@ -52,13 +53,7 @@ class SDPANet(nn.Module):
 
 
 def _tasks(T: int = 2, K: int = 3, S: int = 4, d: int = 8) -> tuple[Tensor, ...]:
-    g = torch.Generator().manual_seed(1)
-    return (
-        torch.randn(T, K, S, d, generator=g, dtype=F64),
-        torch.randn(T, K, 1, generator=g, dtype=F64),
-        torch.randn(T, K, S, d, generator=g, dtype=F64),
-        torch.randn(T, K, 1, generator=g, dtype=F64),
-    )
+    return sequence_tasks(T, K, S, d, seed=1)
 
 
 def _flags() -> tuple[bool, ...]:
