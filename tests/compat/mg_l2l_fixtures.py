@@ -32,7 +32,9 @@ def _seed(alphabet: str, char: int, drawer: int) -> int:
 
 
 def make_zips(folder: Path, characters: int = CHARACTERS, drawers: int = DRAWERS) -> Path:
-    return make_omniglot_zips(folder, LAYOUT, characters, drawers, seed=_seed, png=stroke_png)
+    return make_omniglot_zips(
+        folder, LAYOUT, characters=characters, drawers=drawers, seed=_seed, png=stroke_png
+    )
 
 
 def distinct_characters(characters: int = CHARACTERS) -> int:

@@ -6,6 +6,7 @@ import io
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -66,20 +67,14 @@ def omniglot_members(
 
 
 def make_omniglot_zips(
-    folder: Path,
-    layout: dict[str, list[str]] = OMNIGLOT_LAYOUT,
-    characters: int = CHARACTERS,
-    drawers: int = DRAWERS,
-    seed: Callable[[str, int, int], int] = _seed,
-    png: Callable[[int], bytes] = stroke_png,
+    folder: Path, layout: dict[str, list[str]] = OMNIGLOT_LAYOUT, **members: Any
 ) -> Path:
-    """One ``<zip stem>.zip`` per key of ``layout`` in ``folder`` (see :func:`omniglot_members`)."""
+    """One ``<zip stem>.zip`` per key of ``layout`` in ``folder``; ``members``: the other
+    arguments of :func:`omniglot_members`."""
     folder.mkdir(parents=True, exist_ok=True)
     for stem in layout:
         with zipfile.ZipFile(folder / f"{stem}.zip", "w") as zf:
-            for name, data in omniglot_members(
-                stem, layout, characters, drawers, seed, png
-            ).items():
+            for name, data in omniglot_members(stem, layout, **members).items():
                 zf.writestr(name, data)
     return folder
 
