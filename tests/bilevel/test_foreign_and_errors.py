@@ -270,3 +270,37 @@ def test_old_inner_optimizers_are_deprecated_and_translated() -> None:
         inner_optimizer=optim.Adam(betas=(0.8, 0.99), eps=0.0, eps_root=1e-6),
     ).meta_grad(*tasks)
     assert all(torch.equal(a[k], b[k]) for k in a)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("strategy", ["unroll", "adjoint", "checkpoint", "forward", "auto"])
+def test_non_leaf_hyperparameter_gets_its_gradient_through_attach_only(strategy: str) -> None:
+    """``h = {"lam": log_lam.exp()}``: ``log_lam`` is behind a declared tensor, not foreign.
+
+    Reported as foreign it would get its gradient twice, and ``attach().backward()`` would fail
+    on the freed ``exp`` graph. Reference: the same 4 SGD steps unrolled by hand, d/d(log_lam).
+    """
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 3, generator=g, dtype=D), torch.randn(20, generator=g, dtype=D)
+    w0 = {"w": torch.zeros(3, dtype=D)}
+
+    def f(w: dict[str, Tensor], h: dict[str, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
+        return ((b[0] @ w["w"] - b[1]) ** 2).mean() + h["lam"] * (w["w"] ** 2).sum()
+
+    def G(w: dict[str, Tensor], h: dict[str, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
+        return ((b[0] @ w["w"] - b[1]) ** 2).mean()
+
+    log_lam = torch.tensor(-1.0, dtype=D, requires_grad=True)
+    lam = log_lam.exp()
+    w = w0["w"].clone().requires_grad_()
+    for _ in range(4):
+        (gw,) = torch.autograd.grad(f({"w": w}, {"lam": lam}, (x, y)), [w], create_graph=True)
+        w = w - 0.1 * gw
+    (expected,) = torch.autograd.grad(G({"w": w}, {}, (x, y)), [log_lam])
+
+    pb = bilevel.Problem(f, G, optim.SGD(lr=0.1), 4)
+    lam = log_lam.exp()
+    res = bilevel.hypergrad(pb, w0, {"lam": lam}, (x, y), (x, y), strategy=strategy)
+    assert res.foreign == []
+    res.attach(bilevel.MetaParams(w0, {"lam": lam}, {})).backward()
+    assert log_lam.grad is not None
+    assert float((log_lam.grad - expected).abs() / expected.abs()) < 1e-10

@@ -4,44 +4,74 @@ A loss function (or a custom optimizer) may close over a tensor that requires gr
 learnable weight-decay coefficient. Its gradient exists, but an engine that differentiates only
 the tensors it was given would silently leave it ``None``. The graph of the objective knows every
 leaf it reaches (its ``AccumulateGrad`` nodes); those that were not declared are *foreign*.
+
+A declared tensor that is not a leaf (``h = {"lr": log_lr.exp()}``) is a boundary of the walk:
+what lies behind it (``log_lr``) receives its gradient through the declared tensor, by the
+chain rule of :meth:`HyperGrad.attach`, not as a foreign leaf (that would count it twice).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
+# The node type autograd puts at every leaf that requires grad.
+_ACCUMULATE: Any = type(
+    torch.empty(1, requires_grad=True).expand(1).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+)
 
-def graph_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
-    """Leaf tensors that require grad and that the autograd graph of ``roots`` reaches."""
-    seen: dict[int, object] = {}  # holds the nodes too, so no id is reused during the walk
-    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+
+def graph_leaves(roots: Sequence[Tensor], stop: Iterable[Tensor] = ()) -> list[Tensor]:
+    """Leaf tensors that require grad and that the autograd graph of ``roots`` reaches.
+
+    The walk does not go past the nodes that produced the non-leaf tensors in ``stop``.
+    """
+    seen: set[int] = set()
+    keep: list[object] = []  # holds the nodes, so that no id is reused during the walk
+    for t in stop:
+        if t.grad_fn is not None:
+            seen.add(id(t.grad_fn))
+            keep.append(t.grad_fn)
     out: list[Tensor] = []
     out_ids: set[int] = set()
-    for r in roots:  # a root that is itself a leaf
-        if r.grad_fn is None and r.requires_grad and id(r) not in out_ids:
+    stack: list[Any] = []
+    for r in roots:
+        if r.grad_fn is not None:
+            stack.append(r.grad_fn)
+        elif r.requires_grad and id(r) not in out_ids:  # a root that is itself a leaf
             out.append(r)
             out_ids.add(id(r))
     while stack:
-        fn = stack.pop()
-        if id(fn) in seen:
+        fn: Any = stack.pop()
+        key = id(fn)
+        if key in seen:
             continue
-        seen[id(fn)] = fn
-        var = getattr(fn, "variable", None)
-        if isinstance(var, Tensor):  # AccumulateGrad
+        seen.add(key)
+        keep.append(fn)
+        if type(fn) is _ACCUMULATE:
+            var = fn.variable
             if id(var) not in out_ids:
                 out.append(var)
                 out_ids.add(id(var))
             continue
-        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+        for nxt, _ in fn.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                stack.append(nxt)
     return out
 
 
 def foreign_leaves(roots: Sequence[Tensor], known: Iterable[object]) -> list[Tensor]:
-    """Leaves reached by ``roots`` that are not among ``known`` (compared by identity)."""
-    ids = {id(t) for t in known if isinstance(t, Tensor)}
-    return [t for t in graph_leaves(roots) if id(t) not in ids]
+    """Leaves reached by ``roots`` that are not among ``known`` (compared by identity).
+
+    Known tensors that are not leaves stop the walk (see the module docstring).
+    """
+    tensors = [t for t in known if isinstance(t, Tensor)]
+    ids = {id(t) for t in tensors}
+    stop = [t for t in tensors if t.grad_fn is not None]
+    return [t for t in graph_leaves(roots, stop) if id(t) not in ids]
 
 
 def describe(tensors: Sequence[Tensor]) -> str:
