@@ -119,9 +119,13 @@ class SGD(OptimizerBase):
                     # torch.optim.SGD seeds the buffer with the first gradient, undamped.
                     buf = d
                 else:
-                    buf = (
-                        mu * entry(self._fn, state, "momentum_buffer", k) + (1 - h["dampening"]) * d
-                    )
+                    prev = mu * entry(self._fn, state, "momentum_buffer", k)
+                    damp = h["dampening"]
+                    # A Python dampening folds into add's alpha: one graph node fewer per step.
+                    if isinstance(damp, Tensor):
+                        buf = prev + (1 - damp) * d
+                    else:
+                        buf = torch.add(prev, d, alpha=1 - damp)
                 bufs[k] = buf
                 d = d + mu * buf if h["nesterov"] else buf
             out[k] = p - h["lr"] * d
