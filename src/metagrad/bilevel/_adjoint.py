@@ -165,7 +165,9 @@ def _one_problem(
     foreign_g: list[Tensor | None] = [None] * len(foreign)
     search = known_foreign is None  # look for closed-over leaves in the first graphs only
 
-    iterates = _Iterates(problem, optimizer, h, inner_data, at, every, mp.w0)
+    with torch.no_grad():  # the forward sweep keeps no graph: prepare(h) once, as a constant
+        h_fwd = problem.hyper(h)
+    iterates = _Iterates(problem, optimizer, h_fwd, inner_data, at, every, mp.w0)
     iterate = iterates.get
     w, state = iterates.last
 
@@ -196,7 +198,7 @@ def _one_problem(
         if c != 0.0:
             with torch.enable_grad():
                 a = {n: x.detach().requires_grad_() for n, x in w_k.items()}
-                q = problem.call_outer(a, h, outer_data, k)
+                q = problem.call_outer(a, problem.hyper(h), outer_data, k)
                 if problem.check_finite:
                     check_finite(problem.name, q, problem.outer_name, at, None, problem.unit)
                 discover([q], list(a.values()))
@@ -219,8 +221,10 @@ def _one_problem(
             s_flat, s_spec = pytree.tree_flatten(s_prev)
             s_in = [x.detach().requires_grad_() if isinstance(x, Tensor) else x for x in s_flat]
             s = pytree.tree_unflatten(s_in, s_spec)
+            # prepare(h) inside each step's graph, so its VJP reaches the raw h
+            hk = problem.hyper(h)
             new, new_s, _ = inner_step(
-                problem, optimizer, back, a, h, s, k - 1, batch_at(problem, inner_data, k - 1)
+                problem, optimizer, back, a, hk, s, k - 1, batch_at(problem, inner_data, k - 1)
             )
             new_s_leaves = [x for x in pytree.tree_leaves(new_s) if isinstance(x, Tensor)]
             outs = [(new[n], v[n]) for n in new] + list(zip(new_s_leaves, u_leaves))

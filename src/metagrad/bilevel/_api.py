@@ -289,7 +289,9 @@ def _locator(problem: Problem, mp: MetaParams, inner_data: Any, batched: bool) -
     def locate() -> list[NodeRecord]:
         di = index(inner_data, 0) if batched else inner_data
         w = {n: v.detach().requires_grad_(v.is_floating_point()) for n, v in mp.w0.items()}
-        return probe_records(lambda: problem.call_inner(w, mp.h, batch_at(problem, di, 0), 0))
+        return probe_records(
+            lambda: problem.call_inner(w, problem.hyper(mp.h), batch_at(problem, di, 0), 0)
+        )
 
     return locate
 

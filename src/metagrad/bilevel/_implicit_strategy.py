@@ -117,7 +117,7 @@ def _one(
         # custom_root differentiates this gradient (Hessian products): attention on a kernel
         # with a double backward.
         with torch.enable_grad(), higher_order_attention():
-            loss = problem.call_inner(w, mp.h, inner_data, problem.steps)
+            loss = problem.call_inner(w, problem.hyper(mp.h), inner_data, problem.steps)
             names = list(w)
             gs = torch.autograd.grad(
                 loss, [w[n] for n in names], create_graph=True, allow_unused=True
@@ -149,7 +149,7 @@ def _one(
     mp0 = rebuild(hd)
     with torch.enable_grad():
         w_star = solve({n: v.detach() for n, v in mp0.w0.items()}, hd)
-        q = problem.call_outer(w_star, mp0.h, outer_data, problem.steps)
+        q = problem.call_outer(w_star, problem.hyper(mp0.h), outer_data, problem.steps)
         if problem.check_finite:
             check_finite(problem.name, q, problem.outer_name, at, None, problem.unit)
         inputs = [hd[k] for k in keys]

@@ -139,6 +139,8 @@ def run(
 ) -> tuple[Tensor | None, Params, Any]:
     """Run the inner loop from ``w0``; return (outer objective or None, final w, final state).
 
+    ``h`` is the raw hyperparameter tree: ``problem.prepare`` is applied here, once.
+
     Args:
         weights: the outer weights as a tensor (the compiled vmap path passes them as an input
             so that annealed weights do not recompile); default ``problem.weight(k)``.
@@ -147,6 +149,7 @@ def run(
         index: the problem's index, for messages.
     """
     optimizer = resolved_optimizer(problem, opt)
+    h = problem.hyper(h)
     K = problem.steps
     cut = None if truncate is None or truncate >= K else K - truncate
     w = w0

@@ -89,6 +89,11 @@ class Problem:
         name: the public function named in error messages.
         unit: what one problem is called in messages (``"task"`` for MAML).
         inner_name, outer_name: what the objectives are called in messages.
+        prepare: optional map :math:`h \mapsto \tilde h` applied once per problem before the
+            inner loop; the objectives and the ``lr`` rule receive :math:`\tilde h`, and the
+            hypergradient is still with respect to ``h`` (the chain rule runs through
+            ``prepare``). E.g. ``lambda h: {"lr": h["log_lr"].exp().unbind()}`` computes a
+            log-parametrized learning rate once instead of at every inner step.
     """
 
     inner: Objective
@@ -106,6 +111,7 @@ class Problem:
     unit: str = "problem"
     inner_name: str = "inner objective"
     outer_name: str = "outer objective"
+    prepare: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         fn = self.name
@@ -113,6 +119,11 @@ class Problem:
             raise TypeError(
                 f"{fn}: inner and outer must be callables f(w, h, batch) -> scalar tensor, got "
                 f"{type(self.inner).__name__} and {type(self.outer).__name__}."
+            )
+        if self.prepare is not None and not callable(self.prepare):
+            raise TypeError(
+                f"{fn}: prepare={self.prepare!r} must be a callable h -> what the objectives "
+                f"receive (or None)."
             )
         if not (hasattr(self.optimizer, "init") and hasattr(self.optimizer, "update")):
             raise TypeError(
@@ -130,6 +141,10 @@ class Problem:
                 f"{fn}: outer_weights has {len(self.outer_weights)} entries for steps="
                 f"{self.steps}; give one weight per inner step (or None for the last step only)."
             )
+
+    def hyper(self, h: Any) -> Any:
+        """What the objectives and the ``lr`` rule receive: ``prepare(h)``, or ``h``."""
+        return h if self.prepare is None else self.prepare(h)
 
     def call_inner(self, w: Params, h: Any, batch: Any, step: int) -> Tensor:
         out = self.inner(w, h, batch, step) if self.stepwise else self.inner(w, h, batch)

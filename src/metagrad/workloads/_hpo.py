@@ -139,23 +139,28 @@ def check_config(config: HPOConfig, train: Split, val: Split, fn: str = _FN) -> 
 
 
 def hpo_problem(config: HPOConfig, fn: str = _FN) -> bilevel.Problem:
-    """The bilevel problem: train loss + per-layer decay inside, validation loss outside."""
+    """The bilevel problem: train loss + per-layer decay inside, validation loss outside.
 
-    def train_loss(w: Params, h: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+    ``h = {"log_lr": [L], "log_wd": [L]}``; ``prepare`` turns it into per-layer rates and decays
+    (``exp``, one tensor per layer) once per hypergradient, not at every inner step.
+    """
+
+    def rates(h: dict[str, Tensor]) -> dict[str, tuple[Tensor, ...]]:
+        return {"lr": h["log_lr"].exp().unbind(), "wd": h["log_wd"].exp().unbind()}
+
+    def train_loss(w: Params, h: dict[str, Any], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
         decay = sum(
-            torch.exp(h["log_wd"][layer_of(k)]) * (v**2).sum()
-            for k, v in w.items()
-            if k.endswith(".weight")
+            h["wd"][layer_of(k)] * (v**2).sum() for k, v in w.items() if k.endswith(".weight")
         )
         return F.cross_entropy(forward(w, x), y) + 0.5 * decay
 
-    def val_loss(w: Params, h: dict[str, Tensor], batch: tuple[Tensor, Tensor]) -> Tensor:
+    def val_loss(w: Params, h: dict[str, Any], batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
         return F.cross_entropy(forward(w, x), y)
 
-    def lr(h: dict[str, Tensor], step: int, name: str) -> Tensor:
-        return torch.exp(h["log_lr"][layer_of(name)])
+    def lr(h: dict[str, Any], step: int, name: str) -> Tensor:
+        return h["lr"][layer_of(name)]
 
     return bilevel.Problem(
         train_loss,
@@ -167,6 +172,7 @@ def hpo_problem(config: HPOConfig, fn: str = _FN) -> bilevel.Problem:
         name=fn,
         inner_name="training loss",
         outer_name="validation loss",
+        prepare=rates,
     )
 
 
