@@ -15,7 +15,9 @@ most :data:`CHUNK_SIZE`, fewer for large models so the tangents stay within
 :data:`TANGENT_BUDGET` elements per carried tensor); the run is repeated once per chunk.
 Objectives that cannot be vmapped (``.item()``, data-dependent control flow, in-place updates
 of buffers...) fall back to one ``jvp`` per scalar hyperparameter, the same numbers more slowly
-(logged at INFO on the ``metagrad`` logger).
+(logged at INFO on the ``metagrad`` logger; with a :class:`Cache` later calls skip the
+batched attempt). Random ops (dropout) draw one sample shared by all directions
+(``randomness="same"``), so every direction differentiates the same run.
 
 Nothing is stored across steps: memory is flat in the number of steps; it grows with the
 model size times the chunk size (one extra tangent per tensor and direction). The right choice
