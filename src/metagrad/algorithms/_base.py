@@ -15,15 +15,17 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metagrad._typing import LossFn, Params
-from metagrad.algorithms._task import InnerSpec, MetaResult, TaskLoss, run_task
+from metagrad.algorithms._task import InnerSpec, LRRule, MetaResult, TaskLoss, run_task
 from metagrad.bilevel._problem import attach_pairs
 from metagrad.functional._checks import check_task, check_tasks
 from metagrad.functional._model import FunctionalModel, dtype_device
+from metagrad.optim import Optimizer
 
 
 def check_lr(fn_name: str, inner_lr: object) -> float:
@@ -93,6 +95,16 @@ class Learner(nn.Module, ABC):
 
     def make_objective(self) -> TaskLoss:
         return TaskLoss(self.fmodel, self.loss_fn, fn_name=self.fn_name)
+
+    def _init_inner_loop(self, inner_lr: object, inner_steps: object, eval_steps: object) -> None:
+        """Validate and store ``inner_lr``, ``inner_steps`` and ``eval_steps`` (``None``: as
+        many as ``inner_steps``); a ValueError names the fix."""
+        fn = self.fn_name
+        self.inner_lr = check_lr(fn, inner_lr)
+        self.inner_steps = check_steps(fn, "inner_steps", inner_steps)
+        self.eval_steps = (
+            self.inner_steps if eval_steps is None else check_steps(fn, "eval_steps", eval_steps)
+        )
 
     # -- the contract ----------------------------------------------------------------------
     @abstractmethod
@@ -180,6 +192,10 @@ class Learner(nn.Module, ABC):
 class UnrolledLearner(Learner):
     """A learner whose tasks run an inner loop (:class:`InnerSpec`) through the bilevel engine."""
 
+    inner_optimizer: Optimizer
+    allow_unused: bool
+    check_finite: bool
+
     def extra_params(self) -> Params:
         """Meta-learned tensors besides the model's parameters (learned inner LRs...)."""
         return {}
@@ -187,6 +203,23 @@ class UnrolledLearner(Learner):
     @abstractmethod
     def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
         """The inner loop for ``steps`` steps at ``order`` (in train or eval mode)."""
+
+    def _spec(
+        self, steps: int, order: int, adapt_names: tuple[str, ...], lr_rule: LRRule, **more: Any
+    ) -> InnerSpec:
+        """An :class:`InnerSpec` with this learner's optimizer, ``allow_unused``,
+        ``check_finite`` and name; ``more`` sets its other fields."""
+        return InnerSpec(
+            steps=steps,
+            order=order,
+            optimizer=self.inner_optimizer,
+            adapt_names=adapt_names,
+            lr_rule=lr_rule,
+            allow_unused=self.allow_unused,
+            check_finite=self.check_finite,
+            fn_name=self.fn_name,
+            **more,
+        )
 
     def adapt(
         self, x: Tensor, y: Tensor, steps: int | None = None, *, differentiable: bool = False

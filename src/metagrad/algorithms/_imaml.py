@@ -31,7 +31,7 @@ from metagrad import optim
 from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
-from metagrad.algorithms._base import ImplicitLearner, check_lr, check_steps
+from metagrad.algorithms._base import ImplicitLearner, check_steps
 from metagrad.algorithms._task import MetaResult, make_inner_optimizer
 from metagrad.bilevel import cg, custom_root
 from metagrad.functional._attention import higher_order_attention
@@ -110,12 +110,8 @@ class IMAML(ImplicitLearner):
         check_finite: bool = True,
     ) -> None:
         super().__init__(model, loss_fn, bn, memory_format)
+        self._init_inner_loop(inner_lr, inner_steps, eval_steps)
         fn = self.fn_name
-        self.inner_lr = check_lr(fn, inner_lr)
-        self.inner_steps = check_steps(fn, "inner_steps", inner_steps)
-        self.eval_steps = (
-            self.inner_steps if eval_steps is None else check_steps(fn, "eval_steps", eval_steps)
-        )
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
             raise ValueError(f"{fn}: lam={lam!r} must be a finite number > 0 (typical: 0.1 to 10).")
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from metagrad import optim
 from metagrad._typing import LossFn, Params
-from metagrad.algorithms._base import Selector, UnrolledLearner, check_lr, check_steps
+from metagrad.algorithms._base import Selector, UnrolledLearner, check_steps
 from metagrad.algorithms._task import (
     InnerSpec,
     MetaResult,
@@ -180,12 +180,8 @@ class MAML(UnrolledLearner):
         check_finite: bool,
     ) -> None:
         """Validate and store the scalar settings (a ValueError/TypeError names the fix)."""
+        self._init_inner_loop(inner_lr, inner_steps, eval_steps)
         fn = self.fn_name
-        self.inner_lr = check_lr(fn, inner_lr)
-        self.inner_steps = check_steps(fn, "inner_steps", inner_steps)
-        self.eval_steps = (
-            self.inner_steps if eval_steps is None else check_steps(fn, "eval_steps", eval_steps)
-        )
         if order not in (1, 2) or isinstance(order, bool):
             raise ValueError(
                 f"{fn}: order={order!r} must be 1 (first-order MAML) or 2 (exact second order)."
@@ -342,18 +338,14 @@ class MAML(UnrolledLearner):
         weights = None
         if self.multi_step_loss and training and steps > 0:
             weights = msl_weights(steps, int(self.meta_step), self.msl_anneal_steps)
-        return InnerSpec(
-            steps=steps,
-            order=order,
-            optimizer=self.inner_optimizer,
-            adapt_names=self.adapt_names,
-            lr_rule=self._lr_rule,
+        return self._spec(
+            steps,
+            order,
+            self.adapt_names,
+            self._lr_rule,
             step_params=self._step_params if self.per_step_bn else None,
             step_buffers=self._step_buffers if self._stat_modules else None,
             step_weights=weights,
-            allow_unused=self.allow_unused,
-            check_finite=self.check_finite,
-            fn_name=self.fn_name,
         )
 
     # -- public API -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from metagrad import optim
 from metagrad._errors import check_finite
 from metagrad._typing import LossFn, Params
-from metagrad.algorithms._base import UnrolledLearner, check_lr, check_steps
+from metagrad.algorithms._base import UnrolledLearner
 from metagrad.algorithms._task import InnerSpec, MetaResult, make_inner_optimizer, run_task
 
 
@@ -55,13 +55,7 @@ class Reptile(UnrolledLearner):
         check_finite: bool = True,
     ) -> None:
         super().__init__(model, loss_fn, bn, memory_format)
-        self.inner_lr = check_lr(self.fn_name, inner_lr)
-        self.inner_steps = check_steps(self.fn_name, "inner_steps", inner_steps)
-        self.eval_steps = (
-            self.inner_steps
-            if eval_steps is None
-            else check_steps(self.fn_name, "eval_steps", eval_steps)
-        )
+        self._init_inner_loop(inner_lr, inner_steps, eval_steps)
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.fn_name)
         self.allow_unused, self.check_finite = bool(allow_unused), bool(check_finite)
 
@@ -69,16 +63,7 @@ class Reptile(UnrolledLearner):
         return self.eval_steps
 
     def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
-        return InnerSpec(
-            steps=steps,
-            order=1,
-            optimizer=self.inner_optimizer,
-            adapt_names=tuple(self.fmodel.trainable),
-            lr_rule=lambda extra, k, n: self.inner_lr,
-            allow_unused=self.allow_unused,
-            check_finite=self.check_finite,
-            fn_name=self.fn_name,
-        )
+        return self._spec(steps, 1, tuple(self.fmodel.trainable), lambda extra, k, n: self.inner_lr)
 
     def meta_result(
         self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
