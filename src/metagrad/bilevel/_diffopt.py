@@ -16,7 +16,7 @@ count stay as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,6 +55,23 @@ def check_loss(fn: str, loss: object) -> Tensor:
             f"outside torch.no_grad()."
         )
     return loss
+
+
+def required_grads(
+    loss: Tensor, tensors: Sequence[Tensor], create_graph: bool
+) -> list[Tensor | None]:
+    """The gradients of ``loss`` w.r.t. ``tensors``, aligned with them: ``None`` for a tensor
+    that does not require grad or that ``loss`` does not reach (no autograd call if none
+    requires grad)."""
+    targets = [i for i, t in enumerate(tensors) if t.requires_grad]
+    out: list[Tensor | None] = [None] * len(tensors)
+    if targets:
+        raw = torch.autograd.grad(
+            loss, [tensors[i] for i in targets], create_graph=create_graph, allow_unused=True
+        )
+        for i, g in zip(targets, raw):
+            out[i] = g
+    return out
 
 
 def merge_state(old: Any, new: Any) -> Any:
@@ -245,19 +262,9 @@ class DiffOptimizer:
             self.override(override)
         current = self._current(fn, params)
         names = self._adapted if self._adapted is not None else list(current)
-        targets = [n for n in names if current[n].requires_grad]
-        raw = (
-            torch.autograd.grad(
-                loss,
-                [current[n] for n in targets],
-                create_graph=self.track_higher_grads,
-                allow_unused=True,
-            )
-            if targets
-            else ()
-        )
-        grads = {n: g for n, g in zip(targets, raw) if g is not None}
-        missing = [n for n in targets if n not in grads]
+        raw = required_grads(loss, [current[n] for n in names], self.track_higher_grads)
+        grads = {n: g for n, g in zip(names, raw) if g is not None}
+        missing = [n for n in names if current[n].requires_grad and n not in grads]
         if missing and not self.allow_unused:
             raise ValueError(
                 f"{fn}: parameters {missing} do not reach the loss, so they have no gradient. "

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from metagrad.bilevel._diffopt import check_loss, update_by_count
+from metagrad.bilevel._diffopt import check_loss, required_grads, update_by_count
 from metagrad.compat.higher import _utils
 from metagrad.optim import ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, RMSprop, Rprop
 from metagrad.optim._common import OptimizerBase
@@ -184,20 +184,7 @@ class DifferentiableOptimizer(abc.ABC):
             params = fmodel.fast_params
         current = list(params)  # type: ignore[arg-type]
         loss = check_loss(fn, loss)
-        targets = [i for i, p in enumerate(current) if p.requires_grad]
-        raw = (
-            torch.autograd.grad(
-                loss,
-                [current[i] for i in targets],
-                create_graph=self._track_higher_grads,
-                allow_unused=True,
-            )
-            if targets
-            else ()
-        )
-        all_grads: list[Tensor | None] = [None] * len(current)
-        for i, g in zip(targets, raw):
-            all_grads[i] = g
+        all_grads = required_grads(loss, current, self._track_higher_grads)
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
             all_grads = list(callback(all_grads))
