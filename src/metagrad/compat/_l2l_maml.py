@@ -113,6 +113,9 @@ class _FastWeights(nn.Module):
 
     _fn: ClassVar[str] = "l2l"
     _flags_at: ClassVar[str] = "the constructor or adapt()"
+    first_order: bool
+    allow_unused: bool
+    allow_nograd: bool
 
     def _init_root(self, model: nn.Module, bn: str) -> None:
         if not isinstance(model, nn.Module):
@@ -164,6 +167,16 @@ class _FastWeights(nn.Module):
     def _set(self, **values: Any) -> None:
         """Plain attributes of a clone (flags, rates), set without nn.Module.__setattr__."""
         self.__dict__.update(values)
+
+    def _flags(
+        self, first_order: bool | None, allow_unused: bool | None, allow_nograd: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """``(first_order, allow_unused, allow_nograd)``: each given value, else this wrapper's."""
+        return (
+            self.first_order if first_order is None else bool(first_order),
+            self.allow_unused if allow_unused is None else bool(allow_unused),
+            self.allow_nograd if allow_nograd is None else bool(allow_nograd),
+        )
 
     def _start_fast(self) -> dict[str, Tensor]:
         if self._fast is None:
@@ -285,11 +298,15 @@ class _FastWeights(nn.Module):
         self,
         loss: Tensor,
         lrs: dict[str, LR],
-        first_order: bool,
-        allow_unused: bool,
-        allow_nograd: bool,
+        first_order: bool | None,
+        allow_unused: bool | None,
+        allow_nograd: bool | None,
     ) -> None:
+        """One step with rates ``lrs``; a flag given as ``None`` is this wrapper's."""
         fn = f"{self._fn}.adapt"
+        first_order, allow_unused, allow_nograd = self._flags(
+            first_order, allow_unused, allow_nograd
+        )
         if self._fast is None:
             raise ValueError(
                 f"{fn}: called on the wrapper of your model, not on a clone. Adapt a clone: "
@@ -441,12 +458,8 @@ class MAML(_FastWeights):
             The clone; its forward equals the model's until it is adapted.
         """
         new = self._spawn(self._start_fast())
-        new._set(
-            lr=self.lr,
-            first_order=self.first_order if first_order is None else bool(first_order),
-            allow_unused=self.allow_unused if allow_unused is None else bool(allow_unused),
-            allow_nograd=self.allow_nograd if allow_nograd is None else bool(allow_nograd),
-        )
+        fo, au, an = self._flags(first_order, allow_unused, allow_nograd)
+        new._set(lr=self.lr, first_order=fo, allow_unused=au, allow_nograd=an)
         return new
 
     def adapt(
@@ -469,11 +482,8 @@ class MAML(_FastWeights):
             ValueError: called on the root; non-scalar loss; a parameter is frozen and
                 ``allow_nograd`` is False, or unused and ``allow_unused`` is False.
         """
-        fo = self.first_order if first_order is None else bool(first_order)
-        au = self.allow_unused if allow_unused is None else bool(allow_unused)
-        an = self.allow_nograd if allow_nograd is None else bool(allow_nograd)
         lrs: dict[str, LR] = dict.fromkeys(self._fast or {}, self.lr)
-        self._step(loss, lrs, fo, au, an)
+        self._step(loss, lrs, first_order, allow_unused, allow_nograd)
 
 
 class MetaSGD(_FastWeights):
@@ -586,8 +596,5 @@ class MetaSGD(_FastWeights):
         Raises:
             ValueError: as :meth:`MAML.adapt`.
         """
-        fo = self.first_order if first_order is None else bool(first_order)
-        au = self.allow_unused if allow_unused is None else bool(allow_unused)
-        an = self.allow_nograd if allow_nograd is None else bool(allow_nograd)
         lrs: dict[str, LR] = dict(zip(self._fast or {}, self.lrs))
-        self._step(loss, lrs, fo, au, an)
+        self._step(loss, lrs, first_order, allow_unused, allow_nograd)
