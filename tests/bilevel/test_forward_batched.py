@@ -118,10 +118,8 @@ def test_batched_forward_over_batched_problems_and_w0(monkeypatch: pytest.Monkey
     assert torch.allclose(res.per_problem, ref.per_problem, rtol=1e-13, atol=0)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4096])
-def test_chunk_sizes_give_the_same_gradient(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    pb, w0, h, di, do = _setup("sgd", 5)
-    ref = bilevel.hypergrad(pb, w0, h, di, do, strategy="unroll")
+def _spy_batched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the chunk size of every call of ``_forward._batched`` (which still runs)."""
     calls: list[int] = []
     batched = _forward._batched
 
@@ -130,6 +128,14 @@ def test_chunk_sizes_give_the_same_gradient(chunk: int, monkeypatch: pytest.Monk
         return batched(objective, diff, chunk_size)
 
     monkeypatch.setattr(_forward, "_batched", spy)
+    return calls
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4096])
+def test_chunk_sizes_give_the_same_gradient(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    pb, w0, h, di, do = _setup("sgd", 5)
+    ref = bilevel.hypergrad(pb, w0, h, di, do, strategy="unroll")
+    calls = _spy_batched(monkeypatch)
     monkeypatch.setattr(_forward, "CHUNK_SIZE", chunk)  # the default through hypergrad
     res = bilevel.hypergrad(pb, w0, h, di, do, strategy="forward")
     assert calls == [min(chunk, 5)]  # 2 lrs + 2 decays + the optimizer's decay
@@ -193,14 +199,7 @@ def test_objective_that_cannot_be_vmapped_falls_back_to_the_loop(
     assert "could not vmap over tangent directions" in caplog.text
     assert _rel(_flat(res), _flat(ref)) < 1e-10
     # with a cache, only the first call tries (and pays for) the batched pass
-    calls: list[int] = []
-    batched = _forward._batched
-
-    def spy(objective: Any, diff: list[Tensor], chunk_size: int) -> Any:
-        calls.append(chunk_size)
-        return batched(objective, diff, chunk_size)
-
-    monkeypatch.setattr(_forward, "_batched", spy)
+    calls = _spy_batched(monkeypatch)
     cache = bilevel.Cache()
     flat = Flat(MetaParams(w0, h, pb.optimizer.hyperparams()), True)
     for _ in range(2):
