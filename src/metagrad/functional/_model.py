@@ -40,6 +40,7 @@ from torch.func import functional_call
 
 from metagrad._typing import Buffers, Params
 from metagrad.functional._attention import no_fused_inference
+from metagrad.functional._chain import Chain
 from metagrad.functional._locate import active_recording, run_recorded
 from metagrad.functional._rewrites import (
     MEMORY_FORMATS,
@@ -126,6 +127,9 @@ class FunctionalModel:
         self._buffer_set = frozenset(self.buffer_names)
         # nn.MultiheadAttention's fused inference path has no derivative (see _rewrites).
         self._fused_attention = needs_math_attention(self.template)
+        self._vmap_safe: bool | None = None
+        # A plain Linear/activation stack runs without functional_call's swapping (_chain.py).
+        self._chain = Chain.of(self.template)
 
     @classmethod
     def from_module(
@@ -272,6 +276,9 @@ class FunctionalModel:
                 f"Fix: use torch.autocast(device_type, dtype=torch.bfloat16) (float32's exponent "
                 f"range, no loss scale needed), or float32."
             )
+        chain = self._chain
+        if chain is not None and chain.usable(params, buffers):
+            return chain(params, x)
         if self._fused_attention:
             with no_fused_inference():
                 return functional_call(self.template, (params, buffers), (x,))
@@ -294,8 +301,14 @@ class FunctionalModel:
 
         Normalization layers are excluded: the batched-gradient pattern is wrong for them
         (pytorch/functorch#534) and the correct variant is slower than the loop (BENCHMARKS.md).
-        Recurrent layers are excluded because vmap of their kernels is not supported.
+        Recurrent layers are excluded because vmap of their kernels is not supported. Decided
+        once: the template is a private copy whose modules never change.
         """
+        if self._vmap_safe is None:
+            self._vmap_safe = self._decide_vmap_safe()
+        return self._vmap_safe
+
+    def _decide_vmap_safe(self) -> bool:
         for m in self.template.modules():
             if isinstance(m, _NORMS) or isinstance(m, nn.RNNBase):
                 return False
