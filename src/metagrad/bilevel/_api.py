@@ -158,7 +158,12 @@ def hypergrad(
             f"strategy is {chosen!r}); use compile=False."
         )
     flat = Flat(mp, need_grad)
-    sig = dataclasses.replace(problem, outer_weights=None)  # annealed weights change per call
+    # annealed weights change per call: not part of the problem's signature
+    sig = (
+        problem
+        if problem.outer_weights is None
+        else dataclasses.replace(problem, outer_weights=None)
+    )
     if chosen == "vmap" and strategy == "auto" and cache is not None:
         if ("no-vmap", sig) in cache.checked:
             chosen = "unroll"  # an earlier call found this problem cannot be vmapped
@@ -209,12 +214,11 @@ def _checked(
     Checking every inner gradient costs a device sync per tensor per step (~12% of a small
     model's meta-step); NaN/Inf propagate to the result, so one test of the result suffices.
     """
-    fast = dataclasses.replace(problem, check_finite=False)
 
     def go(pb: Problem) -> tuple[HyperGrad, Tensor | None]:
-        if chosen == "vmap":
+        if chosen == "vmap":  # checks inside the vmapped function, where they fuse
             return vmapped(
-                dataclasses.replace(pb, check_finite=problem.check_finite),
+                problem,
                 flat,
                 inner_data,
                 outer_data,
@@ -247,7 +251,9 @@ def _checked(
 
     if not problem.check_finite:
         return go(problem)[0]
-    res, flags = go(fast)
+    res, flags = go(
+        problem if chosen == "vmap" else dataclasses.replace(problem, check_finite=False)
+    )
     finite = bool(flags.all()) if flags is not None else _result_finite(res)
     if finite:
         return res

@@ -21,7 +21,9 @@ class Flat:
 
     def __init__(self, mp: MetaParams, need_grad: bool) -> None:
         self.leaves, self.spec = pytree.tree_flatten(tuple(mp))
-        self.n_w0 = len(pytree.tree_flatten(mp.w0)[0])
+        w0 = mp.w0
+        plain = isinstance(w0, dict) and all(isinstance(v, Tensor) for v in w0.values())
+        self.n_w0 = len(w0) if plain else len(pytree.tree_flatten(w0)[0])
         self.wrt = (
             [i for i, x in enumerate(self.leaves) if isinstance(x, Tensor) and x.requires_grad]
             if need_grad

@@ -66,7 +66,7 @@ def _vmap_fn(
 ) -> Callable[..., tuple[list[Tensor], Tensor, Tensor, Tensor | None]]:
     """``(diff, consts, inner, outer, weights) -> (grads, loss, per_problem, finite flags)``.
 
-    ``finite`` holds one flag per output (``per_problem``, then each gradient): computed inside
+    ``finite`` is one flag for all outputs (``per_problem`` and every gradient): computed inside
     the (compiled) function, where it fuses, instead of many small ops after it.
     """
     backend = FuncBackend(create_graph=problem.order == 2 and need_grad)
@@ -108,7 +108,8 @@ def _vmap_fn(
             loss, per = mean_loss(diff)
         if not check:
             return grads, loss, per, None
-        finite = torch.stack([o.isfinite().all() for o in [per, *grads]])
+        # One isfinite over everything: a few ops instead of two per output (eager cost).
+        finite = torch.cat([o.reshape(-1) for o in [per, *grads]]).isfinite().all()
         return grads, loss, per, finite
 
     return fn
@@ -127,10 +128,11 @@ def vmapped(
     """All problems at once; returns the result and the finiteness flags (None if unchecked)."""
     check = problem.check_finite
     weighted = problem.outer_weights is not None and problem.steps > 0
-    unchecked = dataclasses.replace(problem, check_finite=False, outer_weights=None)
-    # The outer weights enter as a tensor input; the rest of the problem is the cache key.
-    fn_problem = dataclasses.replace(problem, check_finite=False)
+    # The checks run on the vmapped outputs (finite flags), not per step inside vmap.
+    fn_problem = dataclasses.replace(problem, check_finite=False) if check else problem
     if compile and need_grad:
+        # The outer weights enter as a tensor input; the rest of the problem is the cache key.
+        unchecked = dataclasses.replace(problem, check_finite=False, outer_weights=None)
         if cache is None:
             raise ValueError(
                 f"{problem.name}: compile=True needs cache=metagrad.bilevel.Cache(), reused "

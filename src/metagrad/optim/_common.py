@@ -79,6 +79,7 @@ class OptimizerBase:
     groups: tuple[Group, ...]
     _resolved: tuple[dict[str, Any], ...]
     _assignment: dict[str, int]
+    _shaped: tuple[bool, ...]
 
     def init(self, params: Params) -> Any:
         """The initial state (each optimizer defines it)."""
@@ -137,6 +138,16 @@ class OptimizerBase:
             resolved.append(merged)
         object.__setattr__(self, "_resolved", tuple(resolved))
         object.__setattr__(self, "_assignment", {})
+        # Per group: does any hyperparameter hold a shaped tensor (whose shape needs checking)?
+        shaped = tuple(
+            any(
+                isinstance(v, Tensor) and v.dim() > 0
+                for key in self._hypers
+                for v in (cfg[key] if key in self._pairs else (cfg[key],))
+            )
+            for cfg in resolved
+        )
+        object.__setattr__(self, "_shaped", shaped)
 
     def _check_config(self, cfg: dict[str, Any], where: str) -> None:
         """Constraints between hyperparameters (overridden where an optimizer has some)."""
@@ -250,6 +261,8 @@ class OptimizerBase:
         """Resolved hyperparameters for one parameter, with tensor shapes checked."""
         index = self._group_index(name)
         cfg = self._resolved[index]
+        if lrs is None and not self._shaped[index]:
+            return cfg  # nothing shaped to check: the common case, once per parameter and step
         where = f" (set by groups[{index - 1}])" if index else ""
         if lrs is not None:
             if name not in lrs:

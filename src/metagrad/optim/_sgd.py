@@ -128,5 +128,8 @@ class SGD(OptimizerBase):
                         buf = torch.add(prev, d, alpha=1 - damp)
                 bufs[k] = buf
                 d = d + mu * buf if h["nesterov"] else buf
-            out[k] = p - h["lr"] * d
+            lr = h["lr"]
+            # A Python lr folds into add's alpha, as torch.optim.SGD's p.add_(d, alpha=-lr): one
+            # graph node per parameter and step instead of two.
+            out[k] = p - lr * d if isinstance(lr, Tensor) else torch.add(p, d, alpha=-lr)
         return out, (SGDState(momentum_buffer=bufs) if bufs else EmptyState())
