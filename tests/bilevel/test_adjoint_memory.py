@@ -3,7 +3,8 @@
 Peak resident memory (VmHWM) in a fresh process, on a model whose activations dominate its
 parameters (2 tasks x 1,000 support points through 256-wide layers: ~1 MB of activations per
 layer and task and step against 0.3 MB of parameters). The unrolled loop keeps every step's
-activations; ``hvp_chain`` keeps one parameter copy per step, ``checkpoint`` O(sqrt K).
+activations; ``hvp_chain`` keeps one parameter copy per step and task, ``checkpoint``
+O(sqrt K) of them.
 """
 
 from __future__ import annotations
@@ -53,5 +54,6 @@ def test_adjoint_peak_memory_is_flat_in_inner_steps_where_the_loop_grows() -> No
     assert loop_growth > 50, rows  # the unrolled graph: ~10 more steps of activations
     for strategy in ("hvp_chain", "checkpoint"):
         growth = rows[strategy][1]
-        # 10 more steps: 10 parameter copies (~3 MB) plus allocator slack, not activations
-        assert growth < 0.2 * loop_growth, (strategy, rows)
+        # 10 more steps: 10 parameter copies per task (the two tasks are batched: ~5.3 MB) plus
+        # allocator slack (measured 9.5-17.6 MB in all), not activations (the loop: ~51-56 MB)
+        assert growth < 0.45 * loop_growth, (strategy, rows)

@@ -271,7 +271,12 @@ def meta_gradient(
             (xs, ys),
             (xq, yq),
             strategy="auto" if strategy == "auto" else _BILEVEL[chosen],
-            vmap_ok=chosen == "vmap",
+            # the adjoint strategies batch over tasks where the default would
+            vmap_ok=chosen == "vmap"
+            or (
+                chosen in ("hvp_chain", "checkpoint")
+                and resolve_strategy("auto", fm, spec.fn_name, spec.order, xs.device) == "vmap"
+            ),
             batched=True,
             need_grad=need_grad,
             compile=compile,

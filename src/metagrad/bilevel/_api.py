@@ -33,6 +33,7 @@ from metagrad._compat import pytree
 from metagrad._errors import Locate, NonFiniteError, translate_autograd_error
 from metagrad._typing import Params
 from metagrad.bilevel._adjoint import adjoint
+from metagrad.bilevel._adjoint_vmap import adjoint_vmapped
 from metagrad.bilevel._forward import forward_mode
 from metagrad.bilevel._implicit_strategy import ImplicitOptions, implicit
 from metagrad.bilevel._inner import batch_at
@@ -158,19 +159,21 @@ def hypergrad(
             f"strategy is {chosen!r}); use compile=False."
         )
     flat = Flat(mp, need_grad)
-    # annealed weights change per call: not part of the problem's signature
-    sig = (
-        problem
-        if problem.outer_weights is None
-        else dataclasses.replace(problem, outer_weights=None)
-    )
+    sig = _signature(problem)
     if chosen == "vmap" and strategy == "auto" and cache is not None:
         if ("no-vmap", sig) in cache.checked:
             chosen = "unroll"  # an earlier call found this problem cannot be vmapped
     args = (flat, mp, inner_data, outer_data, batched, need_grad)
+    batch_adjoint = (
+        chosen in ("adjoint", "checkpoint")
+        and vmap_ok
+        and batched
+        and need_grad
+        and (cache is None or ("no-vmap-adjoint", sig) not in cache.checked)
+    )
     with _explain_autograd_errors(problem, chosen, _locator(problem, mp, inner_data, batched)):
         try:
-            if chosen == "vmap":
+            if chosen == "vmap" or batch_adjoint:  # torch.func gives unused parameters zeros
                 key = ("reach", sig)
                 if cache is None or key not in cache.checked:
                     check_reaches_inner(problem, mp, inner_data, batched)
@@ -178,7 +181,7 @@ def hypergrad(
                         cache.checked.add(key)
             res = _checked(
                 problem, chosen, *args, truncate, implicit_options or ImplicitOptions(),
-                compile, cache,
+                compile, cache, batch_adjoint,
             )  # fmt: skip
         except (ForeignUnderVmap, RuntimeError) as err:
             if strategy != "auto" or chosen != "vmap":
@@ -189,10 +192,28 @@ def hypergrad(
             if cache is not None and not isinstance(err, ForeignUnderVmap):
                 cache.checked.add(("no-vmap", sig))
             _log.info("%s: vmap failed (%s); using the unrolled loop", fn, str(err)[:200])
-            res = _checked(problem, "unroll", *args, None, ImplicitOptions(), False, cache)
-    if need_grad and not problem.allow_unused_hyper:
-        _check_hyper_used(problem, flat, res, mp, inner_data, outer_data, batched)
+            res = _checked(problem, "unroll", *args, None, ImplicitOptions(), False, cache, False)
+    if need_grad:
+        unused = _unused_hyper(problem, flat, res, mp, inner_data, outer_data, batched)
+        if unused and not problem.allow_unused_hyper:
+            names = flat.names()
+            raise ValueError(
+                f"{problem.name}: hyperparameters {[names[j] for j in unused]} require grad but "
+                f"do not reach the {problem.outer_name} (neither directly nor through the inner "
+                f"loop), so they have no gradient. Remove them, set requires_grad=False, or pass "
+                f"allow_unused_hyper=True to the Problem to get None for them."
+            )
+        if unused:  # the torch.func strategies' zeros: None, as the autograd strategies give
+            g = pytree.tree_leaves(tuple(res.grads))
+            res.grads = flat.grads({j: v for j, v in enumerate(g) if j not in set(unused)})
     return res
+
+
+def _signature(problem: Problem) -> Problem:
+    """The problem as a cache key: annealed outer weights change per call, so they are out."""
+    if problem.outer_weights is None:
+        return problem
+    return dataclasses.replace(problem, outer_weights=None)
 
 
 def _checked(
@@ -208,8 +229,12 @@ def _checked(
     options: ImplicitOptions,
     compile: bool | str | Callable[..., Any],
     cache: Cache | None,
+    batch_adjoint: bool,
 ) -> HyperGrad:
     """Run unchecked; on a non-finite result re-run with per-step checks to name the culprit.
+
+    ``batch_adjoint``: the adjoint strategies may vmap over the problems (the unchecked pass
+    only: the checked re-run goes problem by problem, so it can name the problem and step).
 
     Checking every inner gradient costs a device sync per tensor per step (~12% of a small
     model's meta-step); NaN/Inf propagate to the result, so one test of the result suffices.
@@ -242,9 +267,24 @@ def _checked(
             every = None
             if chosen == "checkpoint":
                 every = max(1, math.ceil(math.sqrt(pb.steps)))
+            if batch_adjoint and not pb.check_finite:
+                try:
+                    return adjoint_vmapped(
+                        pb, flat, inner_data, outer_data, every=every, check=problem.check_finite
+                    )
+                except (ForeignUnderVmap, RuntimeError) as err:
+                    # what vmap cannot run (closed-over tensors, .item(), data-dependent
+                    # control flow) the per-problem chain can; its own error is the one to see
+                    if cache is not None and not isinstance(err, ForeignUnderVmap):
+                        cache.checked.add(("no-vmap-adjoint", _signature(problem)))
+                    _log.info(
+                        "%s: batched adjoint failed (%s); one problem at a time",
+                        problem.name,
+                        str(err)[:200],
+                    )
             out = adjoint(pb, flat, inner_data, outer_data, batched=batched, every=every)
         elif chosen == "forward":
-            out = forward_mode(pb, flat, inner_data, outer_data, batched=batched)
+            out = forward_mode(pb, flat, inner_data, outer_data, batched=batched, cache=cache)
         else:
             out = implicit(pb, flat, inner_data, outer_data, batched=batched, options=options)
         return out, None
@@ -302,7 +342,7 @@ def _locator(problem: Problem, mp: MetaParams, inner_data: Any, batched: bool) -
     return locate
 
 
-def _check_hyper_used(
+def _unused_hyper(
     problem: Problem,
     flat: Flat,
     res: HyperGrad,
@@ -310,30 +350,24 @@ def _check_hyper_used(
     inner_data: Any,
     outer_data: Any,
     batched: bool,
-) -> None:
-    """Hyperparameters that require grad but do not reach the outer objective are an error."""
+) -> list[int]:
+    """Leaf indices of hyperparameters that require grad but do not reach the outer objective."""
     g_leaves = pytree.tree_leaves(tuple(res.grads))
     hyper = [j for j in flat.wrt if j >= flat.n_w0]
-    if res.strategy in ("vmap", "forward"):
-        # torch.func returns zeros for an unused input: only an all-zero gradient needs the
-        # autograd probe (problem 0, unrolled) that can tell "unused" from "zero".
+    if res.strategy in ("vmap", "forward", "adjoint", "checkpoint"):
+        # torch.func (vmap, forward, the batched adjoint) returns zeros for an unused input:
+        # only an all-zero gradient needs the autograd probe (problem 0, unrolled) that can
+        # tell "unused" from "zero".
         zero = [j for j in hyper if g_leaves[j] is not None and not bool(g_leaves[j].any())]
         if not zero:
-            return
+            return [j for j in hyper if g_leaves[j] is None]
         di = index(inner_data, slice(0, 1)) if batched else inner_data
         do = index(outer_data, slice(0, 1)) if batched else outer_data
-        probe = unroll(problem, mp, di, do, batched=batched, find_foreign=False)
-        g_leaves = pytree.tree_leaves(tuple(probe.grads))
-        hyper = zero
-    unused = [j for j in hyper if g_leaves[j] is None]
-    if unused:
-        names = flat.names()
-        raise ValueError(
-            f"{problem.name}: hyperparameters {[names[j] for j in unused]} require grad but do "
-            f"not reach the {problem.outer_name} (neither directly nor through the inner "
-            f"loop), so they have no gradient. Remove them, set requires_grad=False, or pass "
-            f"allow_unused_hyper=True to the Problem to get None for them."
-        )
+        lenient = dataclasses.replace(problem, allow_unused_hyper=True)
+        probe = unroll(lenient, mp, di, do, batched=batched, find_foreign=False)
+        probed = pytree.tree_leaves(tuple(probe.grads))
+        return [j for j in hyper if g_leaves[j] is None or (j in zero and probed[j] is None)]
+    return [j for j in hyper if g_leaves[j] is None]
 
 
 def _check_w0(fn: str, w0: object) -> Params:

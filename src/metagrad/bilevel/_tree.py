@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from metagrad._compat import pytree
-from metagrad.bilevel._problem import MetaParams
+from metagrad.bilevel._problem import MetaParams, PerStep
 
 
 class Flat:
@@ -76,7 +76,9 @@ def tree_detach(tree: Any) -> Any:
 
 def count_problems(fn_name: str, inner_data: Any, outer_data: Any) -> int:
     """The leading (problem) dimension shared by every tensor of the data."""
-    leaves = [x for x in pytree.tree_leaves((inner_data, outer_data)) if isinstance(x, Tensor)]
+    leaves = [
+        x for x in pytree.tree_leaves(_unwrap((inner_data, outer_data))) if isinstance(x, Tensor)
+    ]
     if not leaves:
         raise ValueError(
             f"{fn_name}: batched=True needs tensors with a leading problem dimension in "
@@ -92,8 +94,20 @@ def count_problems(fn_name: str, inner_data: Any, outer_data: Any) -> int:
     return sizes.pop()
 
 
+def _unwrap(tree: Any) -> Any:
+    """``tree`` with every :class:`PerStep` replaced by its list of batches (pytree-visible)."""
+    if isinstance(tree, PerStep):
+        return list(tree.batches)
+    if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
+        return tuple(_unwrap(x) for x in tree)
+    return tree
+
+
 def index(tree: Any, i: int | slice) -> Any:
-    """Problem ``i`` (or a slice of problems) of batched data (every tensor leaf indexed on its first dimension)."""
+    """Problem ``i`` (or a slice of problems) of batched data (every tensor leaf indexed on its
+    first dimension; the batches of a :class:`PerStep` too)."""
+    if isinstance(tree, PerStep):
+        return PerStep([index(b, i) for b in tree.batches])
     return pytree.tree_map(lambda x: x[i] if isinstance(x, Tensor) else x, tree)
 
 

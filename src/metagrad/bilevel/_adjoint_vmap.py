@@ -1,0 +1,260 @@
+r"""The adjoint and checkpoint strategies batched over problems with ``torch.func.vmap``.
+
+The same backward chain of vector-Jacobian products as :mod:`metagrad.bilevel._adjoint`
+
+.. math::
+    v_K = c_K \nabla_w g(w_K),\qquad
+    (v_k, u_k, \bar\phi) \mathrel{+}=
+      \Bigl(\frac{\partial F_k}{\partial (w_k, s_k, \phi)}\Bigr)^{\!\top} (v_{k+1}, u_{k+1})
+      + c_k \nabla g(w_k),
+
+run for all ``P`` problems at once: each step is one ``vmap`` of a ``torch.func.vjp`` over the
+problems instead of ``P`` autograd calls, so the per-problem Python and dispatch cost is paid
+once per step. Memory is still flat in ``K``: the iterates :math:`(w_k, s_k)` of all problems
+(``P`` parameter copies and optimizer states per kept step, in blocks allocated once) and one
+step's graph at a time. ``every=m`` keeps every ``m``-th iterate and recomputes segments
+(checkpoint).
+
+Used where the default strategy batches (``vmap_ok`` problems: stock layers whose batched
+double backward is exact). Closed-over tensors cannot be reached under ``vmap``
+(:class:`ForeignUnderVmap`): the caller then runs the per-problem version, which finds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metagrad._compat import pytree
+from metagrad._typing import Params
+from metagrad.bilevel._adjoint import _Bank
+from metagrad.bilevel._inner import FuncBackend, batch_at, inner_step, resolved_optimizer
+from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
+from metagrad.bilevel._tree import Flat, count_problems, index
+from metagrad.bilevel._vmap import ForeignUnderVmap
+
+State = tuple[Params, Any]
+
+
+BANK_BYTES = 2**28
+"""Budget (bytes) for the kept iterates of the problems batched together (256 MiB): more
+problems than fit run in groups, so memory stays bounded for big models and many problems."""
+
+
+def adjoint_vmapped(
+    problem: Problem,
+    flat: Flat,
+    inner_data: Any,
+    outer_data: Any,
+    *,
+    every: int | None,
+    check: bool,
+    bank_bytes: int = BANK_BYTES,
+) -> tuple[HyperGrad, Tensor | None]:
+    """Mean outer objective over the ``P`` batched problems and its exact gradient.
+
+    Problems are batched in groups whose kept iterates fit ``bank_bytes`` (at least one
+    problem a group). Returns the result and one finiteness flag over all outputs (None when
+    ``check`` is off).
+    """
+    P = count_problems(problem.name, inner_data, outer_data)
+    group = max(1, bank_bytes // max(1, _bank_bytes_per_problem(problem, flat, every)))
+    pers: list[Tensor] = []
+    sums: dict[int, Tensor] = {}
+    for start in range(0, P, group):
+        part = slice(start, min(P, start + group))
+        per, part_sums = _group(
+            problem, flat, index(inner_data, part), index(outer_data, part), every
+        )
+        pers.append(per)
+        for j, g in part_sums.items():
+            sums[j] = g if j not in sums else sums[j] + g
+    per = torch.cat(pers)
+    totals: dict[int, Tensor | None] = {j: g / P for j, g in sums.items()}
+    outs = [per, *(g for g in totals.values() if g is not None)]
+    if any(o.requires_grad for o in outs):
+        raise ForeignUnderVmap(
+            f"{problem.name}: an objective (or the optimizer) closes over a tensor that requires "
+            f"grad, which the batched adjoint cannot reach."
+        )
+    finite = torch.cat([o.reshape(-1) for o in outs]).isfinite().all() if check else None
+    name = "adjoint" if every is None else "checkpoint"
+    res = HyperGrad(per.mean(), per.detach(), flat.grads(totals), [], strategy=name)
+    return res, finite
+
+
+def _bank_bytes_per_problem(problem: Problem, flat: Flat, every: int | None) -> int:
+    """Bytes of one problem's kept iterates: (parameters + optimizer state) x kept steps."""
+    w0 = flat.leaves_as_tree().w0
+    state = resolved_optimizer(problem, flat.leaves_as_tree().opt).init(
+        {n: v.detach() for n, v in w0.items()}
+    )
+    leaves = [x for x in pytree.tree_leaves((w0, state)) if isinstance(x, Tensor)]
+    one = sum(x.numel() * x.element_size() for x in leaves)
+    K = problem.steps
+    kept = K if every is None else K // max(1, every) + 1 + every
+    return one * max(1, kept)
+
+
+def _group(
+    problem: Problem, flat: Flat, inner_data: Any, outer_data: Any, every: int | None
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """One group of problems: per-problem objectives and the gradients summed over them."""
+    P = count_problems(problem.name, inner_data, outer_data)
+    K = problem.steps
+    n0 = flat.n_w0
+    phi_idx = [j for j in flat.wrt if j >= n0]
+    consts = [x.detach() if isinstance(x, Tensor) else x for x in flat.leaves]
+    phi = [consts[j] for j in phi_idx]
+    w0_names = list(flat.leaves_as_tree().w0)
+    w0_wrt = {w0_names[j]: j for j in flat.wrt if j < n0}
+    backend = FuncBackend(create_graph=problem.order == 2)
+
+    def tree(values: list[Tensor]) -> MetaParams:
+        leaves = list(consts)
+        for j, v in zip(phi_idx, values):
+            leaves[j] = v
+        return MetaParams(*pytree.tree_unflatten(leaves, flat.spec))
+
+    def step(w: Params, s: Any, values: list[Tensor], k: int, batch: Any) -> State:
+        mp = tree(values)
+        optimizer = resolved_optimizer(problem, mp.opt)
+        new, s_new, _ = inner_step(problem, optimizer, backend, w, problem.hyper(mp.h), s, k, batch)
+        return new, s_new
+
+    def advance(w: Params, s: Any, k: int) -> State:
+        batch = batch_at(problem, inner_data, k)
+        out: State = torch.func.vmap(lambda a, b, d: step(a, b, phi, k, d), randomness="same")(
+            w, s, batch
+        )
+        return out
+
+    mp0 = tree(phi)
+    w = {n: v.expand(P, *v.shape) for n, v in mp0.w0.items()}
+    s = torch.func.vmap(resolved_optimizer(problem, mp0.opt).init)(w)
+    # The forward sweep stops at w_{K-1}: the last step's VJP computes w_K as its primal.
+    iterates = _Sweep(advance, (w, s), max(K - 1, 0), every)
+
+    g_phi = [torch.zeros_like(p) for p in phi]
+    if K == 0:
+        gw, gp, per = _outer_grads(problem, tree, phi, w, outer_data, 0)
+        v = gw
+        g_phi = [b.sum(0) for b in gp]
+    else:
+        w_last, s_last = iterates.get(K - 1)
+        c_K = problem.weight(K)
+
+        def last(a: Params, b: Any, d: Any, do: Any) -> tuple[Params, Any, list[Tensor], Tensor]:
+            out = torch.func.vjp(lambda x, y, z: step(x, y, z, K - 1, d), a, b, phi)
+            (new, s_new), vjp_fn = out[0], out[1]
+            (gw, gp), val = torch.func.grad_and_value(_outer_fn(problem, tree, K), argnums=(0, 1))(
+                new, phi, do
+            )
+            cot = ({n: c_K * g for n, g in gw.items()}, pytree.tree_map(torch.zeros_like, s_new))
+            dw, ds, dp = vjp_fn(cot)
+            return dw, ds, [x + c_K * y for x, y in zip(dp, gp)], c_K * val
+
+        batch = batch_at(problem, inner_data, K - 1)
+        fused = torch.func.vmap(last, randomness="same")(w_last, s_last, batch, outer_data)
+        v, u, gp, per = fused[0], fused[1], fused[2], fused[3]
+        g_phi = [b.sum(0) for b in gp]
+        for k in range(K - 1, -1, -1):
+            c = problem.weight(k)
+            if c != 0.0:
+                gw, gp, val = _outer_grads(problem, tree, phi, iterates.get(k)[0], outer_data, k)
+                v = {n: v[n] + c * gw[n] for n in v}
+                g_phi = [a + c * b.sum(0) for a, b in zip(g_phi, gp)]
+                per = per + c * val
+            if k == 0:
+                break
+            w_prev, s_prev = iterates.get(k - 1)
+            batch = batch_at(problem, inner_data, k - 1)
+
+            def pull(a: Params, b: Any, d: Any, cv: Params, cu: Any, k: int = k - 1) -> Any:
+                vjp_fn = torch.func.vjp(lambda x, y, z: step(x, y, z, k, d), a, b, phi)[1]
+                return vjp_fn((cv, cu))
+
+            back = torch.func.vmap(pull, randomness="same")(w_prev, s_prev, batch, v, u)
+            v, u, gp = back[0], back[1], back[2]
+            g_phi = [a + b.sum(0) for a, b in zip(g_phi, gp)]
+    assert per is not None
+    sums = dict(zip(phi_idx, g_phi))
+    for n, j in w0_wrt.items():
+        sums[j] = v[n].sum(0)
+    return per, sums
+
+
+def _outer_fn(
+    problem: Problem, tree: Callable[[list[Tensor]], MetaParams], k: int
+) -> Callable[[Params, list[Tensor], Any], Tensor]:
+    r""":math:`g(w, \phi)` after step ``k`` as a function of ``(w, phi values, outer batch)``."""
+
+    def g(a: Params, p: list[Tensor], d: Any) -> Tensor:
+        return problem.call_outer(a, problem.hyper(tree(p).h), d, k)
+
+    return g
+
+
+def _outer_grads(
+    problem: Problem,
+    tree: Callable[[list[Tensor]], MetaParams],
+    phi: list[Tensor],
+    w: Params,
+    outer_data: Any,
+    k: int,
+) -> tuple[Params, list[Tensor], Tensor]:
+    r"""Per problem: :math:`\nabla_w g(w_k)`, :math:`\nabla_\phi g(w_k)` and :math:`g(w_k)`."""
+    g = _outer_fn(problem, tree, k)
+
+    def one(a: Params, d: Any) -> tuple[Params, list[Tensor], Tensor]:
+        (gw, gp), val = torch.func.grad_and_value(g, argnums=(0, 1))(a, phi, d)
+        return gw, gp, val
+
+    out: tuple[Params, list[Tensor], Tensor] = torch.func.vmap(one, randomness="same")(
+        w, outer_data
+    )
+    return out
+
+
+class _Sweep:
+    """Batched iterates ``(w_0..w_n, s_0..s_n)`` of the forward sweep; every ``every``-th kept.
+
+    Iterates between kept ones are recomputed one segment at a time (checkpoint).
+    """
+
+    def __init__(
+        self,
+        advance: Callable[[Params, Any, int], State],
+        start: State,
+        n: int,
+        every: int | None,
+    ) -> None:
+        self.advance, self.n = advance, n
+        self.stride = stride = 1 if every is None else max(1, every)
+        self.slot = {k: i for i, k in enumerate(sorted({*range(0, n, stride), n}))}
+        self.kept = _Bank(start, len(self.slot))
+        state = start
+        for k in range(n):
+            if k in self.slot:
+                self.kept.put(self.slot[k], state)
+            state = advance(*state, k)
+        self.kept.put(self.slot[n], state)
+        self.segment = _Bank(start, stride) if stride > 1 else None
+        self.in_segment: list[int] = []
+
+    def get(self, k: int) -> State:
+        if k in self.slot:
+            return self.kept.get(self.slot[k])
+        assert self.segment is not None
+        if k not in self.in_segment:  # recompute the segment that holds step k
+            self.in_segment.clear()
+            base = (k // self.stride) * self.stride
+            state = self.kept.get(self.slot[base])
+            for j in range(base + 1, min(base + self.stride, self.n)):
+                state = self.advance(*state, j - 1)
+                self.segment.put(len(self.in_segment), state)
+                self.in_segment.append(j)
+        return self.segment.get(self.in_segment.index(k))
