@@ -76,8 +76,13 @@ def adam_update(
             base = p if is_off(wd) else p * (1 - lr * wd)
         else:
             g = add_decay(g, p, wd)
-        m = b1 * entry(fn, state, "exp_avg", k) + (1 - b1) * g
-        v = b2 * entry(fn, state, "exp_avg_sq", k) + (1 - b2) * (g * g)
+        m_prev, v_prev = entry(fn, state, "exp_avg", k), entry(fn, state, "exp_avg_sq", k)
+        if isinstance(b1, Tensor) or isinstance(b2, Tensor):
+            m = b1 * m_prev + (1 - b1) * g
+            v = b2 * v_prev + (1 - b2) * (g * g)
+        else:  # torch.optim.Adam's fused ops: fewer graph nodes, the same arithmetic as torch
+            m = torch.lerp(m_prev, g, 1 - b1)
+            v = torch.addcmul(v_prev * b2, g, g, value=1 - b2)
         new.exp_avg[k], new.exp_avg_sq[k] = m, v
         if h["amsgrad"]:
             # The running maximum of the raw second moment, as torch keeps it.
@@ -90,7 +95,10 @@ def adam_update(
             denom = torch.sqrt(v) / bc2**0.5 + h["eps"]
         else:
             denom = torch.sqrt(v / bc2 + h["eps_root"]) + h["eps"]
-        out[k] = base - (lr / bc1) * (m / denom)
+        if isinstance(lr, Tensor) or isinstance(bc1, Tensor):
+            out[k] = base - (lr / bc1) * (m / denom)
+        else:
+            out[k] = torch.addcdiv(base, m, denom, value=-(lr / bc1))
     return out, new
 
 
