@@ -80,3 +80,29 @@ def test_mamlpp_annealed_multi_step_weights_compile_once() -> None:
     assert len(weights) >= 90  # the weights changed (almost) every step before the floor
     assert len(learner.cache.compiled) == 1
     assert len(compiles) == 1
+
+
+@pytest.mark.parametrize("make", ["maml", "mamlpp"])
+def test_the_compiled_meta_step_is_one_graph_without_breaks(make: str) -> None:
+    """A graph break (e.g. a ContextVar read in the model call) silently runs the rest eagerly:
+    the compiled path is then no faster than eager. The whole meta-step must be one graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+
+    def counting_backend(gm: torch.fx.GraphModule, inputs: object) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    model, tasks = _setup()
+    if make == "maml":
+        learner: mg.MAML = mg.MAML(model, F.mse_loss, 0.1, 2, compile=counting_backend)
+    else:
+        learner = mg.MAMLpp(
+            model, F.mse_loss, inner_lr=0.1, inner_steps=2, compile=counting_backend
+        )
+    learner.meta_loss(*tasks).backward()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(graphs) == 1

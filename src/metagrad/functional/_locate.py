@@ -60,6 +60,9 @@ def recording_nodes() -> Iterator[list[NodeRecord]]:
 
 
 def active_recording() -> list[NodeRecord] | None:
+    # The diagnostic re-run is eager; torch.compile cannot trace ContextVar.get (graph break).
+    if torch.compiler.is_compiling():
+        return None
     return _RECORDING.get()
 
 
