@@ -165,13 +165,22 @@ class Learner(nn.Module, ABC):
         return self.meta_result(xs, ys, xq, yq).grads
 
     # -- shared helpers ---------------------------------------------------------------------
-    def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        return dtype_device(self.fmodel.params())
+    def _dtype_device(self, theta: Params | None = None) -> tuple[torch.dtype, torch.device]:
+        return dtype_device(self.fmodel.params() if theta is None else theta)
 
     def _tasks(
-        self, name: str, xs: object, ys: object, xq: object, yq: object
+        self,
+        name: str,
+        xs: object,
+        ys: object,
+        xq: object,
+        yq: object,
+        theta: Params | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return check_tasks(f"{self.fn_name}.{name}", xs, ys, xq, yq, *self._dtype_device())
+        """The meta-batch checked against the parameters' dtype and device (``theta``: the
+        trainable parameters when the caller has them already)."""
+        dtype, device = self._dtype_device(theta)
+        return check_tasks(f"{self.fn_name}.{name}", xs, ys, xq, yq, dtype, device)
 
     def predict(self, params: Params, x: Tensor) -> Tensor:
         """Model output for inputs ``x`` with parameters ``params`` (e.g. from :meth:`adapt`)."""

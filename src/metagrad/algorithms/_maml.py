@@ -357,7 +357,8 @@ class MAML(UnrolledLearner):
         With per-step running statistics (``per_step_bn=True, bn="running"``), a call in train
         mode also updates them from the batch statistics it saw.
         """
-        tasks = self._tasks("meta_loss", xs, ys, xq, yq)
+        theta = self.fmodel.params()
+        tasks = self._tasks("meta_loss", xs, ys, xq, yq, theta)
         steps = self.inner_steps if self.training else self.eval_steps
         spec = self.inner_spec(steps, self.current_order(), training=self.training)
         records: Recorder | None = [] if self._stat_modules and self.training else None
@@ -367,7 +368,7 @@ class MAML(UnrolledLearner):
         res = meta_gradient(
             objective,
             spec,
-            self.fmodel.params(),
+            theta,
             self.extra_params(),
             tasks,
             strategy=self.strategy,

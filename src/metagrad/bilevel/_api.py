@@ -352,8 +352,10 @@ def _unused_hyper(
     batched: bool,
 ) -> list[int]:
     """Leaf indices of hyperparameters that require grad but do not reach the outer objective."""
-    g_leaves = pytree.tree_leaves(tuple(res.grads))
     hyper = [j for j in flat.wrt if j >= flat.n_w0]
+    if not hyper:
+        return []
+    g_leaves = pytree.tree_leaves(tuple(res.grads))
     if res.strategy in ("vmap", "forward", "adjoint", "checkpoint"):
         # torch.func (vmap, forward, the batched adjoint) returns zeros for an unused input:
         # only an all-zero gradient needs the autograd probe (problem 0, unrolled) that can

@@ -193,7 +193,8 @@ class FunctionalModel:
     def sync_modes(self) -> None:
         """Mirror the user's train/eval flags (Dropout etc.) onto the template."""
         for src, tpl in self._mode_pairs:
-            tpl.training = src.training
+            if tpl.training != src.training:  # Module.__setattr__ is slow: only on a change
+                tpl.training = src.training
 
     def stat_norm_modules(self) -> list[str]:
         """Names of the user's norm layers that track running statistics."""
