@@ -125,11 +125,25 @@ def _group(
         new, s_new, _ = inner_step(problem, optimizer, backend, w, problem.hyper(mp.h), s, k, batch)
         return new, s_new
 
+    mp_fwd = tree(phi)
+    h_fwd = problem.hyper(mp_fwd.h)
+    opt_fwd = resolved_optimizer(problem, mp_fwd.opt)
+
     def advance(w: Params, s: Any, k: int) -> State:
+        # The forward sweep keeps no graph, so its inner gradients come from one autograd
+        # backward of the summed per-problem losses (the problems are independent: the sum's
+        # gradient w.r.t. problem p's parameters is problem p's gradient), cheaper than
+        # torch.func.grad inside vmap; the update is vmapped.
         batch = batch_at(problem, inner_data, k)
-        out: State = torch.func.vmap(lambda a, b, d: step(a, b, phi, k, d), randomness="same")(
-            w, s, batch
-        )
+        with torch.enable_grad():
+            a = {n: v.detach().requires_grad_() for n, v in w.items()}
+            losses = torch.func.vmap(
+                lambda x, d: problem.call_inner(x, h_fwd, d, k), randomness="same"
+            )(a, batch)
+            gs = torch.autograd.grad(losses.sum(), list(a.values()), allow_unused=True)
+        grads = {n: torch.zeros_like(a[n]) if g is None else g for n, g in zip(a, gs)}
+        lrs = {n: problem.lr(h_fwd, k, n) for n in w} if problem.lr is not None else None
+        out: State = torch.func.vmap(lambda x, g, st: opt_fwd.update(g, st, x, k, lrs))(w, grads, s)
         return out
 
     mp0 = tree(phi)
