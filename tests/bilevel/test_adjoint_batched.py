@@ -222,3 +222,22 @@ def test_batched_per_step_data_is_indexed_per_problem(strategy: str) -> None:
         )
     want = torch.stack(singles).mean(0)
     assert float((got - want).norm() / want.norm()) < 1e-12
+
+
+def test_one_task_runs_the_loop_not_vmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` on a meta-batch of one task takes the loop (vmap over one task is the same
+    work plus the transforms' fixed cost); hvp_chain the per-problem chain. Same gradients."""
+    import metagrad.bilevel._vmap as V
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("vmap ran for one task")
+
+    model = _mlp()
+    one = tuple(t[:1] for t in _tasks())
+    ref = mg.MAML(model, F.mse_loss, 0.1, 2, strategy="loop").meta_grad(*one)
+    monkeypatch.setattr(A, "vmapped", refuse)
+    monkeypatch.setattr(A, "adjoint_vmapped", refuse)
+    for strategy in ("auto", "hvp_chain"):
+        got = mg.MAML(model, F.mse_loss, 0.1, 2, strategy=strategy).meta_grad(*one)
+        assert _rel_dict(got, ref) < 1e-12, strategy
+    assert V.vmapped is not refuse

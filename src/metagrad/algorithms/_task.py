@@ -255,6 +255,9 @@ def meta_gradient(
     fm.sync_modes()
     xs, ys, xq, yq = tasks
     chosen = resolve_strategy(strategy, fm, spec.fn_name, spec.order, xs.device)
+    if strategy == "auto" and chosen == "vmap" and xs.shape[0] == 1 and not compile:
+        # vmap over a batch of one task is the loop's work plus the transforms' fixed cost
+        chosen = "loop"
     if compile and chosen != "vmap":
         raise ValueError(
             f"{spec.fn_name}: compile=True needs the vmap strategy, but this model runs with "
@@ -270,7 +273,8 @@ def meta_gradient(
             h,
             (xs, ys),
             (xq, yq),
-            strategy="auto" if strategy == "auto" else _BILEVEL[chosen],
+            # "auto" keeps the engine's fallback to the loop where vmap cannot run
+            strategy="auto" if strategy == "auto" and chosen == "vmap" else _BILEVEL[chosen],
             # the adjoint strategies batch over tasks where the default would
             vmap_ok=chosen == "vmap"
             or (
@@ -370,7 +374,7 @@ def resolve_strategy(
 
     ``auto``: ``vmap`` for vmap-safe models, except conv nets that run channels-last (CPU),
     where the per-task NHWC loop is faster because vmap's batched convolutions run NCHW
-    (BENCHMARKS.md).
+    (BENCHMARKS.md). (:func:`meta_gradient` also runs a meta-batch of one task as the loop.)
     """
     if strategy not in STRATEGIES:
         raise ValueError(

@@ -87,7 +87,8 @@ def adjoint_vmapped(
 
 
 def _bank_bytes_per_problem(problem: Problem, flat: Flat, every: int | None) -> int:
-    """Bytes of one problem's kept iterates: (parameters + optimizer state) x kept steps."""
+    """Bytes one problem adds to a batch: (parameters + optimizer state) x (kept steps + the
+    reverse step's working copies)."""
     w0 = flat.leaves_as_tree().w0
     state = resolved_optimizer(problem, flat.leaves_as_tree().opt).init(
         {n: v.detach() for n, v in w0.items()}
@@ -96,7 +97,8 @@ def _bank_bytes_per_problem(problem: Problem, flat: Flat, every: int | None) -> 
     one = sum(x.numel() * x.element_size() for x in leaves)
     K = problem.steps
     kept = K if every is None else K // max(1, every) + 1 + every
-    return one * max(1, kept)
+    # + the per-problem working copies of a reverse step (adjoints, VJP outputs, gradients)
+    return one * (max(1, kept) + 4)
 
 
 def _group(

@@ -38,7 +38,7 @@ from metagrad.bilevel._forward import forward_mode
 from metagrad.bilevel._implicit_strategy import ImplicitOptions, implicit
 from metagrad.bilevel._inner import batch_at
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
-from metagrad.bilevel._tree import Flat, all_finite, index
+from metagrad.bilevel._tree import Flat, all_finite, count_problems, index
 from metagrad.bilevel._unroll import unroll
 from metagrad.bilevel._vmap import Cache, ForeignUnderVmap, check_reaches_inner, vmapped
 from metagrad.functional._locate import NodeRecord, probe_records
@@ -169,6 +169,8 @@ def hypergrad(
         and vmap_ok
         and batched
         and need_grad
+        # one problem: vmap would add its fixed cost to the same work
+        and count_problems(fn, inner_data, outer_data) > 1
         and (cache is None or ("no-vmap-adjoint", sig) not in cache.checked)
     )
     with _explain_autograd_errors(problem, chosen, _locator(problem, mp, inner_data, batched)):
