@@ -1,7 +1,7 @@
 """Meta-training and evaluation: configs and presets, the trainer, checkpoints, plots.
 
-* :class:`TrainConfig`, :func:`preset` (``sinusoid``, ``sinusoid-quick``, ``omniglot-5w1s``,
-  ``omniglot-20w1s``, ``folder``), :func:`read_config_file`.
+* :class:`TrainConfig`, :func:`preset` (``sinusoid``, ``sinusoid-quick``, ``sinusoid-multistep``,
+  ``omniglot-5w1s``, ``omniglot-20w1s``, ``folder``), :func:`read_config_file`.
 * :class:`Trainer`: Adam meta-optimizer, cosine schedule, clipping, validation, ``metrics.csv``,
   atomic checkpoints with exact resume; :class:`Callback` hooks for experiment trackers; :meth:`Trainer.from_checkpoint` for evaluation.
 * :func:`evaluate` / :func:`mean_ci95`: mean and 95% CI over test tasks after 0..N steps.

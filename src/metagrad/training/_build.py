@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Union
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metagrad.algorithms import ANIL, IMAML, MAML, MAMLpp, MetaSGD, Reptile
+from metagrad.algorithms._task import InnerSpec
 from metagrad.models import conv4, sinusoid_mlp, vit
 from metagrad.tasks import (
     DatasetError,
@@ -140,7 +143,7 @@ def make_model(cfg: TrainConfig, image_shape: tuple[int, int, int] | None) -> nn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, MODEL_STREAM))
         if cfg.task == "sinusoid":
-            model: nn.Module = sinusoid_mlp()
+            model: nn.Module = sinusoid_mlp(init=cfg.init)
         else:
             if image_shape is None:  # pragma: no cover - guarded by load_splits
                 raise ValueError("image tasks need the image shape")
@@ -180,6 +183,30 @@ def head_name(model: nn.Module) -> str:
     return names[-1]
 
 
+class StepWeightedMAML(MAML):
+    """MAML whose meta-objective is a weighted sum of the query losses after each inner step.
+
+    ``step_weights[k - 1]`` weighs the query loss after step ``k`` (meta-training only; the
+    weights enter the compiled meta-gradient as a tensor, so they cost no recompilation).
+    ``[0.5, 0, 0, 0, 0.5]`` with 5 inner steps trains for one step and for five at once.
+    """
+
+    def __init__(self, *args: Any, step_weights: Sequence[float], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_weights = tuple(float(w) for w in step_weights)
+        if len(self.step_weights) != self.inner_steps:
+            raise ConfigError(
+                f"step_weights has {len(self.step_weights)} entries for {self.inner_steps} "
+                f"inner steps."
+            )
+
+    def inner_spec(self, steps: int, order: int, *, training: bool) -> InnerSpec:
+        spec = super().inner_spec(steps, order, training=training)
+        if training and steps == len(self.step_weights):
+            spec = dataclasses.replace(spec, step_weights=self.step_weights)
+        return spec
+
+
 def make_learner(cfg: TrainConfig, model: nn.Module) -> MAML | Reptile | IMAML:
     """The learner named by ``cfg.algorithm`` around ``model``."""
     loss = F.mse_loss if cfg.task == "sinusoid" else F.cross_entropy
@@ -199,6 +226,11 @@ def make_learner(cfg: TrainConfig, model: nn.Module) -> MAML | Reptile | IMAML:
     args = (model, loss)
     if a in ("maml", "fomaml"):
         order = 2 if a == "maml" else 1
+        if cfg.step_weights is not None:
+            return StepWeightedMAML(
+                *args, cfg.inner_lr, cfg.inner_steps, order,
+                step_weights=cfg.step_weights, **kwargs,
+            )  # fmt: skip
         return MAML(*args, cfg.inner_lr, cfg.inner_steps, order, **kwargs)
     if a == "metasgd":
         return MetaSGD(*args, cfg.inner_lr, cfg.inner_steps, **kwargs)

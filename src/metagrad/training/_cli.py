@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from metagrad.training._checkpoint import CheckpointError, OutputWriteError, loa
 from metagrad.training._config import (
     ALGORITHMS,
     ALIASES,
+    INITS,
     MODELS,
     PRESETS,
     ConfigError,
@@ -59,7 +61,8 @@ TRAIN_FLAGS = {
     "checkpoint_every": "checkpoint_every", "hidden": "hidden", "image_size": "image_size",
     "device": "device", "tensorboard": "tensorboard", "split": "split", "val_tasks": "val_tasks",
     "compile": "compile", "imaml_lam": "imaml_lam", "cg_steps": "cg_steps", "nan_policy": "nan_policy",
-    "model": "model", "val_steps": "val_steps",
+    "model": "model", "val_steps": "val_steps", "init": "init",
+    "step_weights": "step_weights",
 }  # fmt: skip
 DATA_ENV = "METAGRAD_DATA"  # Omniglot location when --data is not given
 _pos_int, _nonneg_int = int_at_least(1), int_at_least(0)
@@ -338,6 +341,19 @@ def _write_trace(trainer: Trainer, out: Path | None, tasks: int, *, plots: bool)
     print(f"wrote {out / written[0]}" + (f", {written[1]}" if len(written) > 1 else ""))
 
 
+def _weights(text: str) -> list[float]:
+    """``0.5,0,0,0,0.5`` -> a list of finite numbers >= 0."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers, e.g. 0.5,0,0,0,0.5"
+        ) from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every weight must be a finite number >= 0")
+    return values
+
+
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``metagrad train`` on ``subparsers``; sets ``handler``."""
     names = sorted([*PRESETS, *ALIASES, "navigation"])
@@ -400,6 +416,16 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", choices=MODELS,
         help="image tasks: conv4 (the MAML paper's, default) or vit (metagrad.models.vit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--step-weights", type=_weights, metavar="W1,...,WK",
+        help="maml/fomaml: meta-objective weight of the query loss after each inner step "
+        "(one per --inner-steps; default: the last step only), e.g. 0.5,0,0,0,0.5",
+    )  # fmt: skip
+    p.add_argument(
+        "--init", choices=INITS,
+        help="sinusoid MLP initialisation: torch (nn.Linear default) or maml (reference code: "
+        "truncated normal std 0.01, zero biases)",
     )  # fmt: skip
     p.add_argument("--image-size", type=_pos_int, help="resize images to N x N")
     p.add_argument("--split", type=unit_fractions, help="class split fractions TRAIN,VAL,TEST")

@@ -17,6 +17,7 @@ TASKS = ("sinusoid", "omniglot", "folder")
 ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "imaml")
 STRATEGIES = ("auto", "loop", "vmap", "hvp_chain", "checkpoint")
 SCHEDULES = ("constant", "cosine")
+INITS = ("torch", "maml")  # sinusoid MLP: nn.Linear default, or the MAML reference code's
 MODELS = ("conv4", "vit")  # image tasks: the MAML paper's conv-4, or metagrad.models.vit
 
 
@@ -42,6 +43,9 @@ class TrainConfig:
     eval_queries: int | None = None
     # model (image tasks): conv-4 filters, image side, Omniglot rotations and split
     hidden: int = 64
+    # sinusoid MLP initialisation: "torch" (nn.Linear default) or "maml" (reference code:
+    # truncated normal std 0.01, zero biases); see metagrad.models.sinusoid_mlp
+    init: str = "torch"
     model: str = "conv4"  # image tasks: "conv4" or "vit" (patch 7 at 28x28; ignored for sinusoid)
     image_size: int | None = None
     rotations: list[int] = field(default_factory=lambda: [0])
@@ -54,6 +58,9 @@ class TrainConfig:
     strategy: str = "auto"
     compile: bool = False
     first_order_steps: int | None = None
+    # maml/fomaml: the meta-objective's weight of the query loss after each inner step
+    # 1..inner_steps during meta-training (None: the last step only, as the MAML paper)
+    step_weights: list[float] | None = None
     imaml_lam: float = 1.0
     cg_steps: int = 5
     # outer loop
@@ -130,9 +137,21 @@ _OMNIGLOT: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     # MAML paper: 1-40-40-1 ReLU, K=10, 1 step, alpha 0.01, Adam 1e-3, meta-batch 25, 70k its.
     "sinusoid": _SINUSOID,
-    # The same cut to 10,000 iterations (~3-5 min on one CPU thread instead of ~25-30): `make run`.
-    # Already within the paper's numbers at 5 and 10 steps (see results/sinusoid-maml).
+    # The same cut to 10,000 iterations (results/sinusoid-maml-10k).
     "sinusoid-quick": {**_SINUSOID, "iterations": 10_000},
+    # `make run`: the paper's network, alpha 0.01, K=10 / test K=5, Adam 1e-3, meta-batch 25,
+    # but meta-trained on the query loss after 1 *and* after 5 inner steps (weights 0.5/0.5):
+    # the paper's one-step objective drives the initialization past the step size's stability
+    # limit (alpha * lambda_max > 2 on 5-shot tasks) and some tasks blow up after 3+ test steps;
+    # see README "Reproduction results" and results/sinusoid-divergence.
+    "sinusoid-multistep": {
+        **_SINUSOID,
+        "inner_steps": 5,
+        "step_weights": [0.5, 0.0, 0.0, 0.0, 0.5],
+        "iterations": 60_000,
+        "val_every": 5000,
+        "checkpoint_every": 5000,
+    },
     # MAML paper Omniglot: conv-4 (64 filters), 1 train / 3 test steps, alpha 0.4, meta-batch 32.
     "omniglot-5w1s": _OMNIGLOT,
     # 20-way 1-shot: 5 steps, alpha 0.1, meta-batch 16 (MAML reference code).
@@ -348,6 +367,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"task={cfg.task!r} is not known; choose one of {list(TASKS)}.")
     if cfg.nan_policy not in ("raise", "skip"):
         raise ConfigError(f"nan_policy={cfg.nan_policy!r} must be 'raise' (default) or 'skip'.")
+    if cfg.step_weights is not None:
+        w = cfg.step_weights
+        if cfg.algorithm not in ("maml", "fomaml"):
+            raise ConfigError(
+                f"step_weights applies to maml and fomaml; algorithm={cfg.algorithm!r} has "
+                f"{'its own annealed multi-step loss' if cfg.algorithm == 'mamlpp' else 'none'}. "
+                f"Fix: drop step_weights."
+            )
+        if (
+            len(w) != cfg.inner_steps
+            or not all(math.isfinite(x) and x >= 0 for x in w)
+            or not sum(w) > 0
+        ):
+            raise ConfigError(
+                f"step_weights={w!r} needs one finite weight >= 0 per inner step "
+                f"(inner_steps={cfg.inner_steps}), not all zero, e.g. [0.5, 0, 0, 0, 0.5] for 5."
+            )
     if cfg.compile and cfg.algorithm in ("reptile", "imaml"):
         raise ConfigError(
             f"compile=True applies to the MAML family; algorithm={cfg.algorithm!r} runs its own "
@@ -368,6 +404,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.lr_schedule not in SCHEDULES:
         raise ConfigError(f"lr_schedule={cfg.lr_schedule!r}: choose one of {list(SCHEDULES)}.")
+    if cfg.init not in INITS:
+        raise ConfigError(f"init={cfg.init!r} is not known; choose one of {list(INITS)}.")
+    if cfg.init != "torch" and cfg.task != "sinusoid":
+        raise ConfigError(
+            f"init={cfg.init!r} applies to the sinusoid MLP only; task={cfg.task!r} uses its "
+            f'model\'s own initialisation. Fix: drop init (or set init = "torch").'
+        )
     if cfg.model not in MODELS:
         raise ConfigError(f"model={cfg.model!r} is not known; choose one of {list(MODELS)}.")
     for name in ("n_way", "shots", "queries", "hidden", "meta_batch", "iterations", "val_every",

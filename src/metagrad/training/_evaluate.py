@@ -48,6 +48,8 @@ class EvalResult:
     queries: int
     metric: str
     rows: list[EvalRow] = field(default_factory=list)
+    # each task's query loss per step count, in task order (not part of to_dict)
+    task_losses: dict[int, list[float]] = field(default_factory=dict, repr=False, compare=False)
 
     def row(self, steps: int) -> EvalRow:
         for r in self.rows:
@@ -56,7 +58,9 @@ class EvalResult:
         raise KeyError(f"no evaluation after {steps} steps (have {[r.steps for r in self.rows]}).")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("task_losses")
+        return out
 
 
 def evaluate(
@@ -80,15 +84,19 @@ def evaluate(
         classification: also report accuracy (the loss is then cross-entropy).
 
     Returns:
-        :class:`EvalResult` with mean and 95% CI of the loss (and accuracy) per step count.
-        Tasks whose inner loop produced NaN/Inf are counted in ``EvalRow.diverged`` and make
-        that row's mean NaN.
+        :class:`EvalResult` with mean and 95% CI of the loss (and accuracy) per step count,
+        over all tasks (none is dropped). ``EvalRow.diverged`` counts the tasks whose inner
+        loop diverged within that many steps: the *support* loss (the objective the inner
+        loop descends) after the steps is NaN/Inf or higher than before adaptation. Such a
+        step size is past the task's stability limit; a NaN/Inf makes the row's mean NaN.
+        ``EvalResult.task_losses`` holds each task's query loss per step count, in task order.
     """
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks <= 0:
         raise ValueError(f"metagrad.training.evaluate: tasks={tasks!r} must be an int > 0.")
     steps = sorted({int(s) for s in steps})
     losses: dict[int, list[float]] = {s: [] for s in steps}
     accs: dict[int, list[float]] = {s: [] for s in steps}
+    diverged = dict.fromkeys(steps, 0)
     was_training = learner.training
     learner.eval()
     shots = queries = 0
@@ -99,6 +107,9 @@ def evaluate(
             xs, ys, xq, yq = (t.to(device) for t in sampler.sample(n))
             shots, queries = xs.shape[1], xq.shape[1]
             for i in range(n):
+                init = learner.adapt(xs[i], ys[i], steps=0)
+                with torch.no_grad():  # support loss before adaptation
+                    start = float(learner.loss_fn(learner.predict(init, xs[i]), ys[i]))
                 for s in steps:
                     try:
                         params = learner.adapt(xs[i], ys[i], steps=s)
@@ -107,12 +118,15 @@ def evaluate(
                         # counted, and the mean becomes NaN rather than hiding the task.
                         losses[s].append(math.nan)
                         accs[s].append(math.nan)
+                        diverged[s] += 1
                         continue
                     with torch.no_grad():
                         pred = learner.predict(params, xq[i])
                         losses[s].append(float(learner.loss_fn(pred, yq[i])))
                         if classification:
                             accs[s].append(float((pred.argmax(-1) == yq[i]).float().mean()))
+                        fit = float(learner.loss_fn(learner.predict(params, xs[i]), ys[i]))
+                        diverged[s] += s > 0 and not fit <= start  # NaN counts too
             done += n
     finally:
         learner.train(was_training)
@@ -121,10 +135,11 @@ def evaluate(
         queries //= max(int(ys.max()) + 1, 1)
     result = EvalResult(tasks, shots, queries, "accuracy" if classification else "mse")
     for s in steps:
-        row = EvalRow(s, *mean_ci95(losses[s]), diverged=sum(math.isnan(v) for v in losses[s]))
+        row = EvalRow(s, *mean_ci95(losses[s]), diverged=diverged[s])
         if classification:
             row.accuracy, row.accuracy_ci95 = mean_ci95(accs[s])
         result.rows.append(row)
+    result.task_losses = {s: list(losses[s]) for s in steps}
     return result
 
 
@@ -150,9 +165,10 @@ def format_table(result: EvalResult, paper: dict[str, Any] | None = None) -> str
             ref = f"{100 * v:.1f}%" if cls else f"{v:.2f}"
             if "ci95" in paper:
                 ref += f" +- {100 * paper['ci95']:.1f}%" if cls else f" +- {paper['ci95']}"
-        if r.diverged:
-            cell = f"diverged in {r.diverged}/{result.tasks} tasks"
-        lines.append(f"{r.steps:>5}  {cell:<26}" + (f"  {ref}" if paper else ""))
+        tail = f"  ({r.diverged}/{result.tasks} tasks diverged)" if r.diverged else ""
+        if r.diverged and not math.isfinite(r.loss):
+            cell, tail = f"diverged in {r.diverged}/{result.tasks} tasks", ""
+        lines.append(f"{r.steps:>5}  {cell:<26}" + (f"  {ref:<8}" if paper else "") + tail)
     if few:
         lines.append("(95% CI n/a: it needs at least 2 tasks)")
     return "\n".join(line.rstrip() for line in lines)

@@ -43,6 +43,7 @@ def write_results(
     """
     out = {
         "metagrad_version": metagrad.__version__,
+        "environment": environment(),
         "algorithm": cfg.algorithm,
         "task": cfg.task,
         "iterations": iteration,
@@ -58,7 +59,58 @@ def write_results(
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, p)
+    if result.task_losses:
+        write_task_losses(p.with_name(TASK_LOSSES), result)
     return p
+
+
+# Each test task's query loss per step count, next to results.json: a re-evaluation of the
+# checkpoint on the first N tasks (same seed) can be checked task by task against it.
+TASK_LOSSES = "test_losses.csv"
+
+
+def write_task_losses(path: Path, result: EvalResult) -> Path:
+    """``task,loss_<steps>...`` rows, one per test task in evaluation order (repr floats)."""
+    steps = sorted(result.task_losses)
+    lines = [",".join(["task", *(f"loss_{s}" for s in steps)])]
+    n = len(result.task_losses[steps[0]])
+    lines += [
+        ",".join([str(i), *(repr(result.task_losses[s][i]) for s in steps)]) for i in range(n)
+    ]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def environment() -> dict[str, Any]:
+    """Machine and versions of this run: Python, torch, numpy, CPU, threads, load average."""
+    import platform
+
+    import numpy
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        load: list[float] | None = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):  # pragma: no cover - Windows
+        load = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_1_5_15min": load,
+    }
 
 
 def make_plots(trainer: Any, folder: Path) -> list[Path]:
