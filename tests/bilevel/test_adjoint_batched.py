@@ -149,18 +149,44 @@ def test_bilevel_batched_adjoint_equals_the_unrolled_loop(
     assert torch.allclose(got.per_problem, ref.per_problem, rtol=1e-13)
 
 
-def test_per_step_batches_and_groups_of_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_per_step_batches_and_groups_of_problems() -> None:
     pb = bilevel.Problem(_inner, _outer, optim.SGD(lr=0.1, momentum=0.9), 3)
     batches = [_data(s)[0] for s in range(3)]
     di = bilevel.PerStep(batches)
     do = _data(7)[1]
     w0, h = _leaves()
     ref = _flat(bilevel.hypergrad(pb, w0, h, di, do, strategy="unroll", batched=True))
-    for budget in (AV.BANK_BYTES, 1, 2 * AV._bank_bytes_per_problem(pb, _flat_of(pb, w0, h), None)):
-        monkeypatch.setattr(AV, "BANK_BYTES", budget)
-        monkeypatch.setattr(A, "adjoint_vmapped", _with_budget(budget))
-        got = bilevel.hypergrad(pb, w0, h, di, do, strategy="adjoint", batched=True, vmap_ok=True)
-        assert float((_flat(got) - ref).norm() / ref.norm()) < 1e-12, budget
+    got = _flat(
+        bilevel.hypergrad(pb, w0, h, di, do, strategy="adjoint", batched=True, vmap_ok=True)
+    )
+    assert float((got - ref).norm() / ref.norm()) < 1e-12
+    flat = _flat_of(pb, w0, h)
+    for group in (1, 2, P):
+        res, _ = AV.adjoint_vmapped(pb, flat, di, do, every=None, check=False, group=group)
+        assert float((_flat(res) - ref).norm() / ref.norm()) < 1e-12, group
+
+
+def test_batch_memory_budget_decides_the_group(
+    monkeypatch: pytest.MonkeyPatch, spy: list[int]
+) -> None:
+    """Problems whose iterates and step activations do not fit the budget two at a time run
+    one at a time (per-problem chain); the group size is measured once per cache."""
+    pb = bilevel.Problem(_inner, _outer, optim.SGD(lr=0.1), 3)
+    di, do = _data(0)
+    w0, h = _leaves()
+    flat = _flat_of(pb, w0, h)
+    one = AV._bank_bytes_per_problem(pb, flat, None)
+    assert AV.group_size(pb, flat, di, None, budget=10**9) > P
+    assert AV.group_size(pb, flat, di, None, budget=one) == 1  # activations count too
+    ref = _flat(bilevel.hypergrad(pb, w0, h, di, do, strategy="unroll", batched=True))
+    monkeypatch.setattr(AV, "BATCH_BYTES", one)
+    cache = bilevel.Cache()
+    got = bilevel.hypergrad(
+        pb, w0, h, di, do, strategy="adjoint", batched=True, vmap_ok=True, cache=cache
+    )
+    assert not spy  # did not batch
+    assert list(cache.sizes.values()) == [1]
+    assert float((_flat(got) - ref).norm() / ref.norm()) < 1e-12
 
 
 def _flat_of(pb: bilevel.Problem, w0: dict[str, Tensor], h: dict[str, Tensor]) -> Any:
@@ -168,13 +194,6 @@ def _flat_of(pb: bilevel.Problem, w0: dict[str, Tensor], h: dict[str, Tensor]) -
     from metagrad.bilevel._tree import Flat
 
     return Flat(MetaParams(w0, h, pb.optimizer.hyperparams()), True)
-
-
-def _with_budget(budget: int) -> Any:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        return AV.adjoint_vmapped(*args, bank_bytes=budget, **kwargs)
-
-    return run
 
 
 def test_closed_over_tensor_falls_back_to_the_per_problem_chain(spy: list[int]) -> None:

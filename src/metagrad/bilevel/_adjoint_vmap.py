@@ -33,15 +33,45 @@ from metagrad._typing import Params
 from metagrad.bilevel._adjoint import _Bank
 from metagrad.bilevel._inner import FuncBackend, batch_at, inner_step, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
-from metagrad.bilevel._tree import Flat, count_problems, index
+from metagrad.bilevel._tree import Flat, count_problems, index, tree_detach
 from metagrad.bilevel._vmap import ForeignUnderVmap
 
 State = tuple[Params, Any]
 
 
-BANK_BYTES = 2**28
-"""Budget (bytes) for the kept iterates of the problems batched together (256 MiB): more
-problems than fit run in groups, so memory stays bounded for big models and many problems."""
+BATCH_BYTES = 2**28
+"""Budget (bytes) for what the problems batched together hold at once (256 MiB): their kept
+iterates and one reverse step's activations. More problems than fit run in groups; where not
+even two fit, the adjoint runs problem by problem (the batch would only multiply the memory)."""
+
+
+def group_size(
+    problem: Problem, flat: Flat, inner_data: Any, every: int | None, budget: int | None = None
+) -> int:
+    """How many problems one vmapped group may hold within ``budget``.
+
+    Per problem: the kept iterates plus the reverse step's working copies
+    (:func:`_bank_bytes_per_problem`), plus twice the tensors that problem 0's first inner
+    forward and differentiable backward save for the double backward (measured once with
+    ``saved_tensors_hooks``; the reverse step holds that graph and its VJP's transients).
+    """
+    mp = flat.leaves_as_tree()
+    batch = batch_at(problem, index(inner_data, 0), 0)
+    w = {n: v.detach().requires_grad_(v.is_floating_point()) for n, v in mp.w0.items()}
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = problem.call_inner(w, problem.hyper(tree_detach(mp.h)), batch, 0)
+        inputs = [v for v in w.values() if v.requires_grad]
+        if loss.requires_grad and inputs:
+            torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+    per_problem = _bank_bytes_per_problem(problem, flat, every) + 2 * saved
+    return max(1, (BATCH_BYTES if budget is None else budget) // max(1, per_problem))
 
 
 def adjoint_vmapped(
@@ -52,16 +82,14 @@ def adjoint_vmapped(
     *,
     every: int | None,
     check: bool,
-    bank_bytes: int = BANK_BYTES,
+    group: int,
 ) -> tuple[HyperGrad, Tensor | None]:
     """Mean outer objective over the ``P`` batched problems and its exact gradient.
 
-    Problems are batched in groups whose kept iterates fit ``bank_bytes`` (at least one
-    problem a group). Returns the result and one finiteness flag over all outputs (None when
-    ``check`` is off).
+    Problems are vmapped in groups of ``group`` (see :func:`group_size`). Returns the result and
+    one finiteness flag over all outputs (None when ``check`` is off).
     """
     P = count_problems(problem.name, inner_data, outer_data)
-    group = max(1, bank_bytes // max(1, _bank_bytes_per_problem(problem, flat, every)))
     pers: list[Tensor] = []
     sums: dict[int, Tensor] = {}
     for start in range(0, P, group):

@@ -33,12 +33,12 @@ from metagrad._compat import pytree
 from metagrad._errors import Locate, NonFiniteError, translate_autograd_error
 from metagrad._typing import Params
 from metagrad.bilevel._adjoint import adjoint
-from metagrad.bilevel._adjoint_vmap import adjoint_vmapped
+from metagrad.bilevel._adjoint_vmap import adjoint_vmapped, group_size
 from metagrad.bilevel._forward import forward_mode
 from metagrad.bilevel._implicit_strategy import ImplicitOptions, implicit
 from metagrad.bilevel._inner import batch_at
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
-from metagrad.bilevel._tree import Flat, all_finite, count_problems, index
+from metagrad.bilevel._tree import Flat, all_finite, count_problems, index, unwrap_per_step
 from metagrad.bilevel._unroll import unroll
 from metagrad.bilevel._vmap import Cache, ForeignUnderVmap, check_reaches_inner, vmapped
 from metagrad.functional._locate import NodeRecord, probe_records
@@ -173,6 +173,15 @@ def hypergrad(
         and count_problems(fn, inner_data, outer_data) > 1
         and (cache is None or ("no-vmap-adjoint", sig) not in cache.checked)
     )
+    group = 1
+    if batch_adjoint:
+        every = _checkpoint_every(problem) if chosen == "checkpoint" else None
+        gkey = ("adjoint-group", sig, every, _shapes(inner_data))
+        known = cache.sizes.get(gkey) if cache is not None else None
+        group = known if known is not None else group_size(problem, flat, inner_data, every)
+        if cache is not None:
+            cache.sizes[gkey] = group
+        batch_adjoint = group >= 2  # not even two problems fit: one at a time
     with _explain_autograd_errors(problem, chosen, _locator(problem, mp, inner_data, batched)):
         try:
             if chosen == "vmap" or batch_adjoint:  # torch.func gives unused parameters zeros
@@ -183,7 +192,7 @@ def hypergrad(
                         cache.checked.add(key)
             res = _checked(
                 problem, chosen, *args, truncate, implicit_options or ImplicitOptions(),
-                compile, cache, batch_adjoint,
+                compile, cache, group if batch_adjoint else 0,
             )  # fmt: skip
         except (ForeignUnderVmap, RuntimeError) as err:
             if strategy != "auto" or chosen != "vmap":
@@ -194,7 +203,7 @@ def hypergrad(
             if cache is not None and not isinstance(err, ForeignUnderVmap):
                 cache.checked.add(("no-vmap", sig))
             _log.info("%s: vmap failed (%s); using the unrolled loop", fn, str(err)[:200])
-            res = _checked(problem, "unroll", *args, None, ImplicitOptions(), False, cache, False)
+            res = _checked(problem, "unroll", *args, None, ImplicitOptions(), False, cache, 0)
     if need_grad:
         unused = _unused_hyper(problem, flat, res, mp, inner_data, outer_data, batched)
         if unused and not problem.allow_unused_hyper:
@@ -209,6 +218,17 @@ def hypergrad(
             g = pytree.tree_leaves(tuple(res.grads))
             res.grads = flat.grads({j: v for j, v in enumerate(g) if j not in set(unused)})
     return res
+
+
+def _checkpoint_every(problem: Problem) -> int:
+    """The checkpoint strategy's stride: every ceil(sqrt K)-th iterate is kept."""
+    return max(1, math.ceil(math.sqrt(problem.steps)))
+
+
+def _shapes(data: Any) -> tuple[Any, ...]:
+    """Shapes and dtypes of the data's tensors (what a measured memory size depends on)."""
+    leaves = pytree.tree_leaves(unwrap_per_step(data))
+    return tuple((tuple(x.shape), x.dtype) for x in leaves if isinstance(x, Tensor))
 
 
 def _signature(problem: Problem) -> Problem:
@@ -231,12 +251,13 @@ def _checked(
     options: ImplicitOptions,
     compile: bool | str | Callable[..., Any],
     cache: Cache | None,
-    batch_adjoint: bool,
+    adjoint_group: int,
 ) -> HyperGrad:
     """Run unchecked; on a non-finite result re-run with per-step checks to name the culprit.
 
-    ``batch_adjoint``: the adjoint strategies may vmap over the problems (the unchecked pass
-    only: the checked re-run goes problem by problem, so it can name the problem and step).
+    ``adjoint_group``: the adjoint strategies vmap over groups of that many problems (0: one
+    problem at a time); the unchecked pass only: the checked re-run goes problem by problem, so
+    it can name the problem and step.
 
     Checking every inner gradient costs a device sync per tensor per step (~12% of a small
     model's meta-step); NaN/Inf propagate to the result, so one test of the result suffices.
@@ -266,13 +287,17 @@ def _checked(
         elif not need_grad:  # value only: every reverse strategy's forward pass is the same
             out = unroll(pb, mp, inner_data, outer_data, batched=batched, need_grad=False)
         elif chosen in ("adjoint", "checkpoint"):
-            every = None
-            if chosen == "checkpoint":
-                every = max(1, math.ceil(math.sqrt(pb.steps)))
-            if batch_adjoint and not pb.check_finite:
+            every = _checkpoint_every(pb) if chosen == "checkpoint" else None
+            if adjoint_group and not pb.check_finite:
                 try:
                     return adjoint_vmapped(
-                        pb, flat, inner_data, outer_data, every=every, check=problem.check_finite
+                        pb,
+                        flat,
+                        inner_data,
+                        outer_data,
+                        every=every,
+                        check=problem.check_finite,
+                        group=adjoint_group,
                     )
                 except (ForeignUnderVmap, RuntimeError) as err:
                     # what vmap cannot run (closed-over tensors, .item(), data-dependent

@@ -77,7 +77,9 @@ def tree_detach(tree: Any) -> Any:
 def count_problems(fn_name: str, inner_data: Any, outer_data: Any) -> int:
     """The leading (problem) dimension shared by every tensor of the data."""
     leaves = [
-        x for x in pytree.tree_leaves(_unwrap((inner_data, outer_data))) if isinstance(x, Tensor)
+        x
+        for x in pytree.tree_leaves(unwrap_per_step((inner_data, outer_data)))
+        if isinstance(x, Tensor)
     ]
     if not leaves:
         raise ValueError(
@@ -94,12 +96,12 @@ def count_problems(fn_name: str, inner_data: Any, outer_data: Any) -> int:
     return sizes.pop()
 
 
-def _unwrap(tree: Any) -> Any:
+def unwrap_per_step(tree: Any) -> Any:
     """``tree`` with every :class:`PerStep` replaced by its list of batches (pytree-visible)."""
     if isinstance(tree, PerStep):
         return list(tree.batches)
     if isinstance(tree, tuple) and not hasattr(tree, "_fields"):
-        return tuple(_unwrap(x) for x in tree)
+        return tuple(unwrap_per_step(x) for x in tree)
     return tree
 
 

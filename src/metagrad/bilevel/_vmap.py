@@ -37,9 +37,11 @@ class Cache:
 
     compiled: dict[Any, Callable[..., Any]] = field(default_factory=dict)
     checked: set[Any] = field(default_factory=set)
+    sizes: dict[Any, int] = field(default_factory=dict)  # measured once (batched adjoint groups)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"compiled": {}, "checked": set()}  # compiled code neither copies nor pickles
+        # compiled code neither copies nor pickles
+        return {"compiled": {}, "checked": set(), "sizes": {}}
 
 
 class ForeignUnderVmap(ValueError):
