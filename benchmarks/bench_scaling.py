@@ -55,16 +55,21 @@ from bench_meta import (  # noqa: E402
     _proc_status_kib,
     machine_info,
     make_step,
-    package_version,
     rel_error,
     short_error,
 )
 from metagrad.models import sinusoid_mlp  # noqa: E402
 
 ROWS: dict[str, _peers.Impl] = {
-    "metagrad auto (default)": _peers.Impl("metagrad auto", True, 2, _peers.metagrad_factory("auto")),
-    "metagrad hvp_chain": _peers.Impl("metagrad hvp_chain", True, 2, _peers.metagrad_factory("hvp_chain")),
-    "metagrad checkpoint": _peers.Impl("metagrad checkpoint", True, 2, _peers.metagrad_factory("checkpoint")),
+    "metagrad auto (default)": _peers.Impl(
+        "metagrad auto", True, 2, _peers.metagrad_factory("auto")
+    ),
+    "metagrad hvp_chain": _peers.Impl(
+        "metagrad hvp_chain", True, 2, _peers.metagrad_factory("hvp_chain")
+    ),
+    "metagrad checkpoint": _peers.Impl(
+        "metagrad checkpoint", True, 2, _peers.metagrad_factory("checkpoint")
+    ),
     "torch.func vmap (hand-written)": _peers.Impl("func vmap", False, 2, _peers.func_vmap),
     "plain loop": _peers.Impl("plain loop", False, 2, _peers.plain_loop, reference=True),
     "higher": _peers.Impl("higher", False, 2, _peers.higher_loop, _peers.HIGHER_ERR),
@@ -224,7 +229,10 @@ def md_tables(result: dict[str, Any]) -> str:
         var = sw["var"]
         idx = {"T": 0, "K": 1, "W": 2}[var]
         vals = [p[idx] for p in sw["points"]]
-        lines += [f"**{titles[sname]}**: median ms per meta-step (x the fastest peer) / peak RSS growth MB", ""]
+        lines += [
+            f"**{titles[sname]}**: median ms per meta-step (x the fastest peer) / peak RSS growth MB",
+            "",
+        ]
         lines.append("| row | " + " | ".join(f"{var}={v}" for v in vals) + " |")
         lines.append("|---|" + "---|" * len(vals))
         peer_best = {}
@@ -372,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
 
     g = gate()
     for name, r in g.items():
-        print(f"gate T,K,W={GATE_CELL} {name:32s} {r['status']:8s} {r.get('rel_err', r.get('detail', ''))}")
+        print(
+            f"gate T,K,W={GATE_CELL} {name:32s} {r['status']:8s} {r.get('rel_err', r.get('detail', ''))}"
+        )
     names = [n for n in ROWS if g[n]["status"] in ("ok", "WRONG")]
 
     result: dict[str, Any] = {"machine": machine, "gate_cell": GATE_CELL, "gate": g, "tol": TOL,
@@ -417,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
             for r in res.values():
                 if r["status"] == "ok":
                     ts = r["times_ms"]
-                    q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) >= 2 else [ts[0]] * 3
+                    q = (
+                        statistics.quantiles(ts, n=4, method="inclusive")
+                        if len(ts) >= 2
+                        else [ts[0]] * 3
+                    )
                     r.update(median_ms=statistics.median(ts), iqr_ms=q[2] - q[0], rounds=len(ts))
             load = os.getloadavg()[0]
             print(f"pass {npass + 1} {sname} T,K,W={p} load {load:.2f}: " + "; ".join(
