@@ -65,11 +65,14 @@ def group_size(
         saved += t.numel() * t.element_size()
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = problem.call_inner(w, problem.hyper(tree_detach(mp.h)), batch, 0)
-        inputs = [v for v in w.values() if v.requires_grad]
-        if loss.requires_grad and inputs:
-            torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = problem.call_inner(w, problem.hyper(tree_detach(mp.h)), batch, 0)
+            inputs = [v for v in w.values() if v.requires_grad]
+            if loss.requires_grad and inputs:
+                torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+    except Exception:  # the per-problem chain reports it, with its explanation
+        return 1
     per_problem = _bank_bytes_per_problem(problem, flat, every) + 2 * saved
     return max(1, (BATCH_BYTES if budget is None else budget) // max(1, per_problem))
 
