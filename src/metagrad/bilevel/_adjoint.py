@@ -25,6 +25,7 @@ more forward pass of the inner loop). Both equal the unrolled loop to rounding.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,68 +76,70 @@ def adjoint(
     return HyperGrad(per.mean(), per, flat.grads(totals), pairs, strategy=name)
 
 
-class _Iterates:
-    """The forward pass's iterates ``(w_k, s_k)``: every ``every``-th kept, the rest recomputed.
+class Iterates:
+    """The forward sweep's iterates ``(w_0, s_0) .. (w_n, s_n)``: every ``every``-th kept, the
+    rest recomputed when asked for.
 
-    ``every=None`` keeps all of them (adjoint); otherwise one segment of ``every`` recomputed
-    iterates is held at a time (checkpoint: O(K / every + every) copies).
+    ``advance(w, s, k)`` gives step ``k``'s result (``recompute``, default ``advance``, when a
+    segment is rebuilt). ``every=None`` keeps all of them (adjoint); otherwise one segment of
+    ``every`` recomputed iterates is held at a time (checkpoint: O(n / every + every) copies).
+    Iterates live in blocks allocated once (one per leaf, all slots): stored copies made step by
+    step would sit between the transient activations on the heap and pin it, which grew the
+    peak by about an activation per step on wide models (glibc's dynamic mmap threshold).
     """
 
     def __init__(
         self,
-        problem: Problem,
-        optimizer: Any,
-        h: Any,
-        inner_data: Any,
-        at: int | None,
+        advance: Callable[[Params, Any, int], tuple[Params, Any]],
+        start: tuple[Params, Any],
+        n: int,
         every: int | None,
-        w0: Params,
+        recompute: Callable[[Params, Any, int], tuple[Params, Any]] | None = None,
     ) -> None:
-        self.problem, self.optimizer, self.h, self.inner_data = problem, optimizer, h, inner_data
-        self.fwd = AutogradBackend(dataclasses.replace(problem, check_finite=False), at, False)
-        fwd_checked = AutogradBackend(problem, at, False)
-        K = problem.steps
+        self.recompute = advance if recompute is None else recompute
+        self.n = n
         self.stride = stride = 1 if every is None else max(1, every)
-        w: Params = {n: v.detach() for n, v in w0.items()}
-        state = optimizer.init(w)
-        # Iterates live in blocks allocated once (one per leaf, all slots): stored copies made
-        # step by step would sit between the transient activations on the heap and pin it, which
-        # grew the peak by about an activation per step on wide models (glibc's dynamic mmap
-        # threshold).
-        self.kept = _Bank((w, state), K // stride + 2)
-        self.slot = {k: i for i, k in enumerate([*range(0, K, stride), K])}
-        for k in range(K):
-            if k % stride == 0:
-                self.kept.put(self.slot[k], (w, state))
-            w, state = self.advance(w, state, k, fwd_checked)
-        self.kept.put(self.slot[K], (w, state))
-        self.last = (w, state)  # (w_K, s_K)
-        self.segment = _Bank((w, state), stride) if stride > 1 else None
+        self.slot = {k: i for i, k in enumerate([*range(0, n, stride), n])}
+        self.kept = _Bank(start, len(self.slot))
+        state = start
+        for k in range(n):
+            if k in self.slot:
+                self.kept.put(self.slot[k], state)
+            state = advance(*state, k)
+        self.kept.put(self.slot[n], state)
+        self.last = state  # (w_n, s_n)
+        self.segment = _Bank(start, stride) if stride > 1 else None
         self.in_segment: list[int] = []  # the steps the segment bank holds, in slot order
-
-    def advance(self, w: Params, s: Any, k: int, backend: AutogradBackend) -> tuple[Params, Any]:
-        pb = self.problem
-        with torch.enable_grad():
-            a = {n: v.detach().requires_grad_() for n, v in w.items()}
-            new, new_s, _ = inner_step(
-                pb, self.optimizer, backend, a, self.h, s, k, batch_at(pb, self.inner_data, k)
-            )
-        return {n: v.detach() for n, v in new.items()}, tree_detach(new_s)
 
     def get(self, k: int) -> tuple[Params, Any]:
         if k in self.slot:
             return self.kept.get(self.slot[k])
         assert self.segment is not None
-        if k not in self.in_segment:
-            self.in_segment.clear()  # one segment at a time
-            stride, K = self.stride, self.problem.steps
-            base = (k // stride) * stride
-            w_, s_ = self.kept.get(self.slot[base])
-            for j in range(base + 1, min(base + stride, K)):
-                w_, s_ = self.advance(w_, s_, j - 1, self.fwd)
-                self.segment.put(len(self.in_segment), (w_, s_))
+        if k not in self.in_segment:  # recompute the segment that holds step k
+            self.in_segment.clear()
+            base = (k // self.stride) * self.stride
+            state = self.kept.get(self.slot[base])
+            for j in range(base + 1, min(base + self.stride, self.n)):
+                state = self.recompute(*state, j - 1)
+                self.segment.put(len(self.in_segment), state)
                 self.in_segment.append(j)
         return self.segment.get(self.in_segment.index(k))
+
+
+def _detached_step(
+    problem: Problem, optimizer: Any, backend: AutogradBackend, h: Any, inner_data: Any
+) -> Callable[[Params, Any, int], tuple[Params, Any]]:
+    """``(w_k, s_k, k) -> (w_{k+1}, s_{k+1})`` without a graph (a forward-sweep step)."""
+
+    def step(w: Params, s: Any, k: int) -> tuple[Params, Any]:
+        with torch.enable_grad():
+            a = {n: v.detach().requires_grad_() for n, v in w.items()}
+            new, new_s, _ = inner_step(
+                problem, optimizer, backend, a, h, s, k, batch_at(problem, inner_data, k)
+            )
+        return {n: v.detach() for n, v in new.items()}, tree_detach(new_s)
+
+    return step
 
 
 def _one_problem(
@@ -167,7 +170,18 @@ def _one_problem(
 
     with torch.no_grad():  # the forward sweep keeps no graph: prepare(h) once, as a constant
         h_fwd = problem.hyper(h)
-    iterates = _Iterates(problem, optimizer, h_fwd, inner_data, at, every, mp.w0)
+    unchecked = dataclasses.replace(problem, check_finite=False)
+    start = {n: v.detach() for n, v in mp.w0.items()}
+    iterates = Iterates(
+        _detached_step(problem, optimizer, AutogradBackend(problem, at, False), h_fwd, inner_data),
+        (start, optimizer.init(start)),
+        K,
+        every,
+        # a segment rebuilt in the backward pass was checked when the sweep first computed it
+        recompute=_detached_step(
+            unchecked, optimizer, AutogradBackend(unchecked, at, False), h_fwd, inner_data
+        ),
+    )
     iterate = iterates.get
     w, state = iterates.last
 

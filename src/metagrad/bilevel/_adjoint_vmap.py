@@ -30,7 +30,7 @@ from torch import Tensor
 
 from metagrad._compat import pytree
 from metagrad._typing import Params
-from metagrad.bilevel._adjoint import _Bank
+from metagrad.bilevel._adjoint import Iterates
 from metagrad.bilevel._inner import FuncBackend, batch_at, inner_step, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index, tree_detach
@@ -183,7 +183,7 @@ def _group(
     w = {n: v.expand(P, *v.shape) for n, v in mp0.w0.items()}
     s = torch.func.vmap(resolved_optimizer(problem, mp0.opt).init)(w)
     # The forward sweep stops at w_{K-1}: the last step's VJP computes w_K as its primal.
-    iterates = _Sweep(advance, (w, s), max(K - 1, 0), every)
+    iterates = Iterates(advance, (w, s), max(K - 1, 0), every)
 
     g_phi = [torch.zeros_like(p) for p in phi]
     if K == 0:
@@ -264,44 +264,3 @@ def _outer_grads(
         w, outer_data
     )
     return out
-
-
-class _Sweep:
-    """Batched iterates ``(w_0..w_n, s_0..s_n)`` of the forward sweep; every ``every``-th kept.
-
-    Iterates between kept ones are recomputed one segment at a time (checkpoint).
-    """
-
-    def __init__(
-        self,
-        advance: Callable[[Params, Any, int], State],
-        start: State,
-        n: int,
-        every: int | None,
-    ) -> None:
-        self.advance, self.n = advance, n
-        self.stride = stride = 1 if every is None else max(1, every)
-        self.slot = {k: i for i, k in enumerate(sorted({*range(0, n, stride), n}))}
-        self.kept = _Bank(start, len(self.slot))
-        state = start
-        for k in range(n):
-            if k in self.slot:
-                self.kept.put(self.slot[k], state)
-            state = advance(*state, k)
-        self.kept.put(self.slot[n], state)
-        self.segment = _Bank(start, stride) if stride > 1 else None
-        self.in_segment: list[int] = []
-
-    def get(self, k: int) -> State:
-        if k in self.slot:
-            return self.kept.get(self.slot[k])
-        assert self.segment is not None
-        if k not in self.in_segment:  # recompute the segment that holds step k
-            self.in_segment.clear()
-            base = (k // self.stride) * self.stride
-            state = self.kept.get(self.slot[base])
-            for j in range(base + 1, min(base + self.stride, self.n)):
-                state = self.advance(*state, j - 1)
-                self.segment.put(len(self.in_segment), state)
-                self.in_segment.append(j)
-        return self.segment.get(self.in_segment.index(k))
