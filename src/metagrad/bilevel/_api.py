@@ -21,7 +21,6 @@ All but ``truncated`` and ``implicit`` are exact and agree to rounding.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,10 +39,15 @@ from metagrad.bilevel._inner import batch_at
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
 from metagrad.bilevel._tree import Flat, all_finite, count_problems, index, unwrap_per_step
 from metagrad.bilevel._unroll import unroll
-from metagrad.bilevel._vmap import Cache, ForeignUnderVmap, check_reaches_inner, vmapped
+from metagrad.bilevel._vmap import (
+    Cache,
+    ForeignUnderVmap,
+    check_reaches_inner,
+    note_vmap_failure,
+    signature,
+    vmapped,
+)
 from metagrad.functional._locate import NodeRecord, probe_records
-
-_log = logging.getLogger("metagrad")
 
 _ALIASES = {"loop": "unroll", "hvp_chain": "adjoint"}  # the MAML family's names
 # The one list of engine strategies; the MAML family's list (algorithms._task) maps onto it.
@@ -159,7 +163,7 @@ def hypergrad(
             f"strategy is {chosen!r}); use compile=False."
         )
     flat = Flat(mp, need_grad)
-    sig = _signature(problem)
+    sig = signature(problem)
     if chosen == "vmap" and strategy == "auto" and cache is not None:
         if ("no-vmap", sig) in cache.checked:
             chosen = "unroll"  # an earlier call found this problem cannot be vmapped
@@ -200,9 +204,9 @@ def hypergrad(
             # The unrolled loop handles what vmap cannot: closed-over tensors (it finds and
             # differentiates them), .item() and data-dependent control flow, numpy calls. Its
             # own error, if any, is the one to report.
-            if cache is not None and not isinstance(err, ForeignUnderVmap):
-                cache.checked.add(("no-vmap", sig))
-            _log.info("%s: vmap failed (%s); using the unrolled loop", fn, str(err)[:200])
+            note_vmap_failure(
+                cache, ("no-vmap", sig), err, fn, "vmap failed", "using the unrolled loop"
+            )
             res = _checked(problem, "unroll", *args, None, ImplicitOptions(), False, cache, 0)
     if need_grad:
         unused = _unused_hyper(problem, flat, res, mp, inner_data, outer_data, batched)
@@ -229,13 +233,6 @@ def _shapes(data: Any) -> tuple[Any, ...]:
     """Shapes and dtypes of the data's tensors (what a measured memory size depends on)."""
     leaves = pytree.tree_leaves(unwrap_per_step(data))
     return tuple((tuple(x.shape), x.dtype) for x in leaves if isinstance(x, Tensor))
-
-
-def _signature(problem: Problem) -> Problem:
-    """The problem as a cache key: annealed outer weights change per call, so they are out."""
-    if problem.outer_weights is None:
-        return problem
-    return dataclasses.replace(problem, outer_weights=None)
 
 
 def _checked(
@@ -302,12 +299,13 @@ def _checked(
                 except (ForeignUnderVmap, RuntimeError) as err:
                     # what vmap cannot run (closed-over tensors, .item(), data-dependent
                     # control flow) the per-problem chain can; its own error is the one to see
-                    if cache is not None and not isinstance(err, ForeignUnderVmap):
-                        cache.checked.add(("no-vmap-adjoint", _signature(problem)))
-                    _log.info(
-                        "%s: batched adjoint failed (%s); one problem at a time",
+                    note_vmap_failure(
+                        cache,
+                        ("no-vmap-adjoint", signature(problem)),
+                        err,
                         problem.name,
-                        str(err)[:200],
+                        "batched adjoint failed",
+                        "one problem at a time",
                     )
             out = adjoint(pb, flat, inner_data, outer_data, batched=batched, every=every)
         elif chosen == "forward":

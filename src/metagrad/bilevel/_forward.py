@@ -26,8 +26,6 @@ for a handful of scalars (learning rates, weight decay), not for a network's ini
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -39,11 +37,9 @@ from metagrad._compat import pytree
 from metagrad.bilevel._inner import FuncBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index
-from metagrad.bilevel._vmap import Cache, ForeignUnderVmap
+from metagrad.bilevel._vmap import Cache, ForeignUnderVmap, note_vmap_failure, signature
 from metagrad.derivatives._forward_ad_fix import MeanMSEAsNone, is_forward_ad_gap
 from metagrad.functional._attention import higher_order_attention
-
-_log = logging.getLogger("metagrad")
 
 MAX_FORWARD_DIMS = 4096
 """More scalar hyperparameters than this and forward mode is refused (reverse mode is cheaper)."""
@@ -159,7 +155,7 @@ def _solve(
     problem: Problem, objective: Objective, diff: list[Tensor], chunk: int, cache: Cache | None
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The batched pass, or the per-scalar loop where the objectives cannot be vmapped."""
-    key = ("forward-no-vmap", dataclasses.replace(problem, outer_weights=None))
+    key = ("forward-no-vmap", signature(problem))
     if cache is None or key not in cache.checked:  # not known to fail from an earlier call
         try:
             return _batched(objective, diff, chunk)
@@ -169,14 +165,14 @@ def _solve(
             if not plain_ok:
                 raise  # the objectives fail by themselves: their own error, once
             # Not vmappable over tangent directions: one jvp per scalar, the same numbers.
-            _log.info(
-                "%s: strategy='forward' could not vmap over tangent directions (%s); one jvp "
-                "per scalar hyperparameter instead",
+            note_vmap_failure(
+                cache,
+                key,
+                err,
                 problem.name,
-                str(err).splitlines()[0][:200],
+                "strategy='forward' could not vmap over tangent directions",
+                "one jvp per scalar hyperparameter instead",
             )
-            if cache is not None:
-                cache.checked.add(key)
     try:
         return _loop(objective, diff)
     except RuntimeError as err:

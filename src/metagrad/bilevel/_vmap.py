@@ -14,6 +14,7 @@ as part of the cache key.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from metagrad._compat import pytree
 from metagrad.bilevel._inner import AutogradBackend, FuncBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
 from metagrad.bilevel._tree import Flat, index
+
+_log = logging.getLogger("metagrad")
 
 
 @dataclass
@@ -46,6 +49,23 @@ class Cache:
 
 class ForeignUnderVmap(ValueError):
     """A closed-over tensor that requires grad reached the objective under ``vmap``/forward mode."""
+
+
+def signature(problem: Problem) -> Problem:
+    """The problem as a cache key: annealed outer weights change per call, so they are out."""
+    if problem.outer_weights is None:
+        return problem
+    return dataclasses.replace(problem, outer_weights=None)
+
+
+def note_vmap_failure(
+    cache: Cache | None, key: Any, err: BaseException, name: str, what: str, instead: str
+) -> None:
+    """Log that a vmapped path failed and what runs instead; remember it in ``cache`` so later
+    calls skip the attempt (not for closed-over tensors: they depend on the call's tensors)."""
+    if cache is not None and not isinstance(err, ForeignUnderVmap):
+        cache.checked.add(key)
+    _log.info("%s: %s (%s); %s", name, what, (str(err).splitlines() or [""])[0][:200], instead)
 
 
 def check_reaches_inner(problem: Problem, mp: MetaParams, inner_data: Any, batched: bool) -> None:
