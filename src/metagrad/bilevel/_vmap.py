@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from metagrad._compat import pytree
+from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import AutogradBackend, FuncBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
 from metagrad.bilevel._tree import Flat, index
@@ -83,8 +84,21 @@ def check_reaches_inner(problem: Problem, mp: MetaParams, inner_data: Any, batch
         run(probe, AutogradBackend(probe, 0, False), w0, mp.h, mp.opt, di, None)
 
 
+FOREIGN = (
+    "{name}: an objective (or the optimizer) closes over a tensor that requires grad, and "
+    "strategy='vmap' cannot deliver its gradient. Pass it in h (the hyperparameters) so it is "
+    "differentiated, or use strategy='unroll' (alias 'loop'), which finds closed-over tensors "
+    "and gives them their exact gradient."
+)
+
+
 def _vmap_fn(
-    problem: Problem, flat: Flat, need_grad: bool, check: bool, weighted: bool
+    problem: Problem,
+    flat: Flat,
+    need_grad: bool,
+    check: bool,
+    weighted: bool,
+    compiled: bool = False,
 ) -> Callable[..., tuple[list[Tensor], Tensor, Tensor, Tensor | None]]:
     """``(diff, consts, inner, outer, weights) -> (grads, loss, per_problem, finite flags)``.
 
@@ -124,8 +138,19 @@ def _vmap_fn(
             return per.mean(), per.detach()
 
         grads: list[Tensor] = []
-        if need_grad and diff:
+        if need_grad and diff and compiled:
             grads, (loss, per) = torch.func.grad_and_value(mean_loss, has_aux=True)(diff)
+        elif need_grad and diff:
+            # Eager: autograd through the vmapped losses, as a hand-written vmap loop does. An
+            # outer torch.func.grad level wraps every op of the step again (~1.35x the time of
+            # the sinusoid step). Closed-over tensors are found by walking the graph (cheap).
+            d = [v.detach().requires_grad_() for v in diff]
+            with torch.enable_grad():
+                loss, per = mean_loss(d)
+            if foreign_leaves([loss], d):
+                raise ForeignUnderVmap(FOREIGN.format(name=problem.name))
+            grads = list(torch.autograd.grad(loss, d, allow_unused=True, materialize_grads=True))
+            loss = loss.detach()
         else:
             loss, per = mean_loss(diff)
         if not check:
@@ -165,7 +190,8 @@ def vmapped(
         if fn is None:
             backend = "inductor" if compile is True else compile
             fn = torch.compile(
-                _vmap_fn(fn_problem, flat, need_grad, check, weighted), backend=backend
+                _vmap_fn(fn_problem, flat, need_grad, check, weighted, compiled=True),
+                backend=backend,
             )
             cache.compiled[key] = fn
     else:
@@ -185,12 +211,7 @@ def vmapped(
         weights = torch.tensor(problem.outer_weights, dtype=sample.dtype, device=sample.device)
     grads, loss, per, finite = fn(diff, consts, di, outer_data, weights)
     if need_grad and (loss.requires_grad or any(g.requires_grad for g in grads)):
-        raise ForeignUnderVmap(
-            f"{problem.name}: an objective (or the optimizer) closes over a tensor that requires "
-            f"grad, and strategy='vmap' cannot deliver its gradient. Pass it in h (the "
-            f"hyperparameters) so it is differentiated, or use strategy='unroll' (alias 'loop'), "
-            f"which finds closed-over tensors and gives them their exact gradient."
-        )
+        raise ForeignUnderVmap(FOREIGN.format(name=problem.name))
     res = HyperGrad(
         loss.detach(),
         per,
