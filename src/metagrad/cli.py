@@ -268,7 +268,15 @@ def _add_eval(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
     add_eval_parser(subparsers)
 
 
-_REGISTRARS: tuple[_Registrar, ...] = (_add_train, _add_eval, _add_explain, _add_check, _add_graph)
+def _add_compare(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from metagrad.training._cli import add_compare_parser
+
+    add_compare_parser(subparsers)
+
+
+_REGISTRARS: tuple[_Registrar, ...] = (
+    _add_train, _add_eval, _add_compare, _add_explain, _add_check, _add_graph,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

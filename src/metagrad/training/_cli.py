@@ -316,6 +316,32 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``metagrad compare`` on ``subparsers``; sets ``handler``."""
+    p = subparsers.add_parser(
+        "compare",
+        help="finished runs side by side: one Markdown table of their test results",
+        description="One row per run folder (its results.json): algorithm, iterations, "
+        "training time, the test metric after each inner-step count, the algorithm's own "
+        "paper's number.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their results.json)")
+    p.add_argument("--steps", type=step_list, help="only these inner-step columns, e.g. 1,3")
+    p.set_defaults(handler=run_compare)
+    return p  # type: ignore[no-any-return]
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``metagrad compare``: print :func:`metagrad.training._compare.compare_table`."""
+    from metagrad.training._compare import compare_table, load_run
+
+    try:
+        print(compare_table([load_run(r) for r in args.runs], args.steps))
+    except USER_ERRORS as err:
+        return _fail("compare", err, getattr(args, "debug", False))
+    return 0
+
+
 def _write_trace(trainer: Trainer, out: Path | None, tasks: int, *, plots: bool) -> None:
     """Inner-loop trace of ``tasks`` test tasks: trace.csv (+ trace.png) in ``out``."""
     from metagrad.viz import inner_trace, plot_trace, write_trace_csv
