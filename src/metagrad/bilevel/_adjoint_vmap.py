@@ -8,9 +8,10 @@ The same backward chain of vector-Jacobian products as :mod:`metagrad.bilevel._a
       \Bigl(\frac{\partial F_k}{\partial (w_k, s_k, \phi)}\Bigr)^{\!\top} (v_{k+1}, u_{k+1})
       + c_k \nabla g(w_k),
 
-run for all ``P`` problems at once: each step is one ``vmap`` of a ``torch.func.vjp`` over the
-problems instead of ``P`` autograd calls, so the per-problem Python and dispatch cost is paid
-once per step. Memory is still flat in ``K``: the iterates :math:`(w_k, s_k)` of all problems
+run for all ``P`` problems at once: each reverse step recomputes the step ``vmap``-ped over the
+problems and takes one autograd VJP through it (as a hand-written vmap loop differentiates)
+instead of ``P`` autograd calls, so the per-problem Python and dispatch cost is paid once per
+step. Memory is still flat in ``K``: the iterates :math:`(w_k, s_k)` of all problems
 (``P`` parameter copies and optimizer states per kept step, in blocks allocated once) and one
 step's graph at a time. ``every=m`` keeps every ``m``-th iterate and recomputes segments
 (checkpoint).
@@ -31,6 +32,7 @@ from torch import Tensor
 from metagrad._compat import pytree
 from metagrad._typing import Params
 from metagrad.bilevel._adjoint import Iterates
+from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import FuncBackend, batch_at, inner_step, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index, tree_detach
@@ -185,48 +187,45 @@ def _group(
     # The forward sweep stops at w_{K-1}: the last step's VJP computes w_K as its primal.
     iterates = Iterates(advance, (w, s), max(K - 1, 0), every)
 
-    g_phi = [torch.zeros_like(p) for p in phi]
     if K == 0:
-        gw, gp, per = _outer_grads(problem, tree, phi, w, outer_data, 0)
-        v = gw
-        g_phi = [b.sum(0) for b in gp]
+        v, g_phi, per = _outer_grads(problem, tree, phi, w, outer_data, 0)
     else:
         w_last, s_last = iterates.get(K - 1)
         c_K = problem.weight(K)
-
-        def last(a: Params, b: Any, d: Any, do: Any) -> tuple[Params, Any, list[Tensor], Tensor]:
-            out = torch.func.vjp(lambda x, y, z: step(x, y, z, K - 1, d), a, b, phi)
-            (new, s_new), vjp_fn = out[0], out[1]
-            (gw, gp), val = torch.func.grad_and_value(_outer_fn(problem, tree, K), argnums=(0, 1))(
-                new, phi, do
-            )
-            cot = ({n: c_K * g for n, g in gw.items()}, pytree.tree_map(torch.zeros_like, s_new))
-            dw, ds, dp = vjp_fn(cot)
-            return dw, ds, [x + c_K * y for x, y in zip(dp, gp)], c_K * val
-
         batch = batch_at(problem, inner_data, K - 1)
-        fused = torch.func.vmap(last, randomness="same")(w_last, s_last, batch, outer_data)
-        v, u, gp, per = fused[0], fused[1], fused[2], fused[3]
-        g_phi = [b.sum(0) for b in gp]
+        with torch.enable_grad():
+            a, b, p_r = _inputs(w_last), _inputs(s_last), [x.detach().requires_grad_() for x in phi]
+
+            def last(x: Params, y: Any, d: Any, do: Any) -> Tensor:
+                new, _ = step(x, y, p_r, K - 1, d)
+                return problem.call_outer(new, problem.hyper(tree(p_r).h), do, K)
+
+            vals = torch.func.vmap(last, randomness="same")(a, b, batch, outer_data)
+            # One backward of c_K * sum_p g_p(F(w_p, s_p, phi), phi): each problem's VJP of the
+            # last step with its outer gradient, plus phi's direct term, summed over problems.
+            v, u, g_phi = _pull(problem, [c_K * vals.sum()], [None], a, b, p_r)
+        per = c_K * vals.detach()
         for k in range(K - 1, -1, -1):
             c = problem.weight(k)
             if c != 0.0:
                 gw, gp, val = _outer_grads(problem, tree, phi, iterates.get(k)[0], outer_data, k)
                 v = {n: v[n] + c * gw[n] for n in v}
-                g_phi = [a + c * b.sum(0) for a, b in zip(g_phi, gp)]
+                g_phi = [x + c * y for x, y in zip(g_phi, gp)]
                 per = per + c * val
             if k == 0:
                 break
             w_prev, s_prev = iterates.get(k - 1)
             batch = batch_at(problem, inner_data, k - 1)
-
-            def pull(a: Params, b: Any, d: Any, cv: Params, cu: Any, k: int = k - 1) -> Any:
-                vjp_fn = torch.func.vjp(lambda x, y, z: step(x, y, z, k, d), a, b, phi)[1]
-                return vjp_fn((cv, cu))
-
-            back = torch.func.vmap(pull, randomness="same")(w_prev, s_prev, batch, v, u)
-            v, u, gp = back[0], back[1], back[2]
-            g_phi = [a + b.sum(0) for a, b in zip(g_phi, gp)]
+            with torch.enable_grad():
+                a, b = _inputs(w_prev), _inputs(s_prev)
+                p_r = [x.detach().requires_grad_() for x in phi]
+                new, s_new = torch.func.vmap(
+                    lambda x, y, d, k=k - 1, p=p_r: step(x, y, p, k, d), randomness="same"
+                )(a, b, batch)
+                outs = [*pytree.tree_leaves(new), *pytree.tree_leaves(s_new)]
+                cots = [*pytree.tree_leaves(v), *pytree.tree_leaves(u)]
+                v, u, gp = _pull(problem, outs, cots, a, b, p_r)
+            g_phi = [x + y for x, y in zip(g_phi, gp)]
     assert per is not None
     sums = dict(zip(phi_idx, g_phi))
     for n, j in w0_wrt.items():
@@ -234,15 +233,55 @@ def _group(
     return per, sums
 
 
-def _outer_fn(
-    problem: Problem, tree: Callable[[list[Tensor]], MetaParams], k: int
-) -> Callable[[Params, list[Tensor], Any], Tensor]:
-    r""":math:`g(w, \phi)` after step ``k`` as a function of ``(w, phi values, outer batch)``."""
+def _inputs(tree_: Any) -> Any:
+    """``tree_`` with its floating-point tensors detached and requiring grad (the inputs of one
+    reverse step's autograd call); other leaves unchanged."""
+    return pytree.tree_map(
+        lambda t: t.detach().requires_grad_() if isinstance(t, Tensor) and t.is_floating_point()
+        else t,
+        tree_,
+    )  # fmt: skip
 
-    def g(a: Params, p: list[Tensor], d: Any) -> Tensor:
-        return problem.call_outer(a, problem.hyper(tree(p).h), d, k)
 
-    return g
+def _pull(
+    problem: Problem,
+    outputs: list[Any],
+    cotangents: list[Any],
+    w: Params,
+    s: Any,
+    phi: list[Tensor],
+) -> tuple[Params, Any, list[Tensor]]:
+    """Cotangents of ``(w, s, phi)`` from ``outputs`` (vmapped over problems) and theirs.
+
+    One autograd call through the vmapped step, as a hand-written vmap loop differentiates (an
+    outer ``torch.func.vjp`` level would wrap every op of the step again). ``phi`` is shared by
+    the problems, so its cotangent comes back summed over them. A ``None`` cotangent means a
+    scalar output (ones). Raises :class:`ForeignUnderVmap` if the graph reaches a leaf that
+    requires grad besides the inputs (a closed-over tensor: the per-problem chain finds it).
+    """
+    pairs = [
+        (o, c) for o, c in zip(outputs, cotangents) if isinstance(o, Tensor) and o.requires_grad
+    ]
+    w_in, s_in = list(w.values()), pytree.tree_leaves(s)
+    inputs = [*w_in, *(t for t in s_in if isinstance(t, Tensor) and t.requires_grad), *phi]
+    if pairs and foreign_leaves([o for o, _ in pairs], inputs):
+        raise ForeignUnderVmap(
+            f"{problem.name}: an objective (or the optimizer) closes over a tensor that requires "
+            f"grad, which the batched adjoint cannot reach."
+        )
+    if pairs:
+        outs, cots = [o for o, _ in pairs], [c for _, c in pairs]
+        grads = list(
+            torch.autograd.grad(
+                outs, inputs, grad_outputs=cots, allow_unused=True, materialize_grads=True
+            )
+        )
+    else:
+        grads = [torch.zeros_like(t) for t in inputs]
+    it = iter(grads)
+    dw = {n: next(it) for n in w}
+    ds = pytree.tree_map(lambda t: next(it) if isinstance(t, Tensor) and t.requires_grad else t, s)
+    return dw, ds, list(it)
 
 
 def _outer_grads(
@@ -253,14 +292,14 @@ def _outer_grads(
     outer_data: Any,
     k: int,
 ) -> tuple[Params, list[Tensor], Tensor]:
-    r"""Per problem: :math:`\nabla_w g(w_k)`, :math:`\nabla_\phi g(w_k)` and :math:`g(w_k)`."""
-    g = _outer_fn(problem, tree, k)
-
-    def one(a: Params, d: Any) -> tuple[Params, list[Tensor], Tensor]:
-        (gw, gp), val = torch.func.grad_and_value(g, argnums=(0, 1))(a, phi, d)
-        return gw, gp, val
-
-    out: tuple[Params, list[Tensor], Tensor] = torch.func.vmap(one, randomness="same")(
-        w, outer_data
-    )
-    return out
+    r""":math:`\nabla_w g(w_k)` per problem, :math:`\nabla_\phi g(w_k)` summed over problems, and
+    :math:`g(w_k)` per problem."""
+    with torch.enable_grad():
+        a = _inputs(w)
+        p_r = [x.detach().requires_grad_() for x in phi]
+        vals = torch.func.vmap(
+            lambda x, d: problem.call_outer(x, problem.hyper(tree(p_r).h), d, k),
+            randomness="same",
+        )(a, outer_data)
+        gw, _, gp = _pull(problem, [vals.sum()], [None], a, {}, p_r)
+    return gw, gp, vals.detach()
