@@ -12,6 +12,9 @@ Reference: Nichol, Achiam, Schulman, *On First-Order Meta-Learning Algorithms*, 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -19,7 +22,20 @@ from metagrad import optim
 from metagrad._errors import check_finite
 from metagrad._typing import LossFn, Params
 from metagrad.algorithms._base import UnrolledLearner
-from metagrad.algorithms._task import InnerSpec, MetaResult, make_inner_optimizer, run_task
+from metagrad.algorithms._task import (
+    InnerSpec,
+    MetaResult,
+    make_inner_optimizer,
+    resolve_strategy,
+    run_task,
+    split,
+    task_problem,
+)
+from metagrad.bilevel._inner import FuncBackend, run
+from metagrad.bilevel._problem import MetaParams
+from metagrad.bilevel._vmap import check_reaches_inner
+
+_log = logging.getLogger("metagrad")
 
 
 class Reptile(UnrolledLearner):
@@ -58,6 +74,8 @@ class Reptile(UnrolledLearner):
         self._init_inner_loop(inner_lr, inner_steps, eval_steps)
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.fn_name)
         self.allow_unused, self.check_finite = bool(allow_unused), bool(check_finite)
+        # None: not decided yet; False: vmap failed once on this model (the loop runs).
+        self._vmap_ok: bool | None = None
 
     def default_eval_steps(self) -> int:
         return self.eval_steps
@@ -77,10 +95,17 @@ class Reptile(UnrolledLearner):
         spec = self.inner_spec(steps, 1, training=self.training)
         theta = self.fmodel.params()
         T = xs.shape[0]
-        direction: Params = {k: torch.zeros_like(v) for k, v in theta.items()}
-        losses = []
         self.fmodel.sync_modes()
         buffers = self.fmodel.buffers()
+        vmapped = self._vmapped(spec, theta, buffers, (xs, ys, xq, yq)) if T > 1 else None
+        if vmapped is not None:
+            per_task, phis = vmapped
+            grads_v: dict[str, Tensor | None] = {
+                f"module.{k}": theta[k].detach() - phis[k].mean(0) for k in theta
+            }
+            return MetaResult(per_task.mean(), grads_v if need_grad else {}, per_task, [])
+        direction: Params = {k: torch.zeros_like(v) for k, v in theta.items()}
+        losses = []
         for i in range(T):
             th = {k: v.detach().requires_grad_() for k, v in theta.items()}
             with torch.enable_grad():
@@ -97,3 +122,51 @@ class Reptile(UnrolledLearner):
         per_task = torch.stack(losses)
         grads: dict[str, Tensor | None] = {f"module.{k}": g for k, g in direction.items()}
         return MetaResult(per_task.mean(), grads if need_grad else {}, per_task, [])
+
+    def _vmapped(
+        self, spec: InnerSpec, theta: Params, buffers: dict[str, Tensor], tasks: tuple[Tensor, ...]
+    ) -> tuple[Tensor, Params] | None:
+        """Per-task query losses and adapted weights of all tasks in one ``vmap``, or None.
+
+        Reptile's tasks are independent first-order inner loops, so ``vmap`` runs them at once
+        where the default MAML strategy would (vmap-safe models, not channels-last conv nets on
+        CPU). None means "run the per-task loop": the model is not vmap-safe, an op has no
+        batching rule (logged once, then the loop is used for this learner), or a result is not
+        finite (the loop then raises the error that names the task and step).
+        """
+        _, device = self._dtype_device(theta)
+        if (
+            self._vmap_ok is False
+            or resolve_strategy("auto", self.fmodel, self.fn_name, order=1, device=device) != "vmap"
+        ):
+            return None
+        problem = dataclasses.replace(task_problem(spec, self.objective), check_finite=False)
+        th = {k: v.detach() for k, v in theta.items()}
+        xs, ys, xq, yq = tasks
+        if self._vmap_ok is None and not self.allow_unused:
+            # torch.func.grad returns zeros for a weight the support loss does not reach; the
+            # loop raises there, so the first call checks it (structural: once per learner).
+            w0, h = split(spec, th, {}, buffers)
+            check_reaches_inner(problem, MetaParams(w0, h, {}), (xs[0], ys[0]), False)
+        backend = FuncBackend(create_graph=False)
+
+        def one(x: Tensor, y: Tensor, xq_: Tensor, yq_: Tensor) -> tuple[Tensor, Params]:
+            w0, h = split(spec, th, {}, buffers)
+            obj, w, _ = run(problem, backend, w0, h, {}, (x, y), (xq_, yq_))
+            assert obj is not None
+            final = self.objective.params_at(w, h, spec.steps)
+            return obj, {k: final[k] for k in th}
+
+        try:
+            per_task, phis = torch.func.vmap(one, randomness="different")(xs, ys, xq, yq)
+        except RuntimeError as err:  # an op without a batching rule: the loop, from now on
+            self._vmap_ok = False
+            _log.info("%s: vmap over tasks failed (%s); the per-task loop runs instead",
+                      self.fn_name, (str(err).splitlines() or [""])[0][:200])  # fmt: skip
+            return None
+        self._vmap_ok = True
+        if self.check_finite:
+            flat = torch.cat([per_task.reshape(-1), *(v.reshape(-1) for v in phis.values())])
+            if not bool(flat.isfinite().all()):
+                return None  # the loop names the task and step
+        return per_task.detach(), {k: v.detach() for k, v in phis.items()}
