@@ -352,6 +352,9 @@ def meta_impls() -> list[Impl]:
         Impl("metagrad strategy=loop", True, 2, metagrad_factory("loop")),
         Impl("metagrad strategy=vmap", True, 2, metagrad_factory("vmap")),
         Impl("metagrad strategy=auto", True, 2, metagrad_factory("auto")),
+        # the constant-memory strategies (issue: at most 1.3x the default's time)
+        Impl("metagrad strategy=hvp_chain", True, 2, metagrad_factory("hvp_chain")),
+        Impl("metagrad strategy=checkpoint", True, 2, metagrad_factory("checkpoint")),
         Impl(
             "plain loop, first order",
             False,

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-RUNS = sorted((ROOT / "results").glob("*/results.json"))
+RUNS = sorted((ROOT / "results").glob("**/results.json"))
 
 
 def _expected(run: dict) -> list[str]:
