@@ -13,7 +13,6 @@ Reference: Nichol, Achiam, Schulman, *On First-Order Meta-Learning Algorithms*, 
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 from torch import Tensor, nn
@@ -33,9 +32,7 @@ from metagrad.algorithms._task import (
 )
 from metagrad.bilevel._inner import FuncBackend, run
 from metagrad.bilevel._problem import MetaParams
-from metagrad.bilevel._vmap import check_reaches_inner
-
-_log = logging.getLogger("metagrad")
+from metagrad.bilevel._vmap import check_reaches_inner, note_vmap_failure
 
 
 class Reptile(UnrolledLearner):
@@ -161,8 +158,8 @@ class Reptile(UnrolledLearner):
             per_task, phis = torch.func.vmap(one, randomness="different")(xs, ys, xq, yq)
         except RuntimeError as err:  # an op without a batching rule: the loop, from now on
             self._vmap_ok = False
-            _log.info("%s: vmap over tasks failed (%s); the per-task loop runs instead",
-                      self.fn_name, (str(err).splitlines() or [""])[0][:200])  # fmt: skip
+            note_vmap_failure(None, None, err, self.fn_name, "vmap over tasks failed",
+                              "the per-task loop runs instead")  # fmt: skip
             return None
         self._vmap_ok = True
         if self.check_finite:

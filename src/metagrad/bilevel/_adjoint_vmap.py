@@ -107,12 +107,8 @@ def adjoint_vmapped(
             sums[j] = g if j not in sums else sums[j] + g
     per = torch.cat(pers)
     totals: dict[int, Tensor | None] = {j: g / P for j, g in sums.items()}
+    # Closed-over tensors were refused step by step (_pull): nothing here requires grad.
     outs = [per, *(g for g in totals.values() if g is not None)]
-    if any(o.requires_grad for o in outs):
-        raise ForeignUnderVmap(
-            f"{problem.name}: an objective (or the optimizer) closes over a tensor that requires "
-            f"grad, which the batched adjoint cannot reach."
-        )
     finite = torch.cat([o.reshape(-1) for o in outs]).isfinite().all() if check else None
     name = "adjoint" if every is None else "checkpoint"
     res = HyperGrad(per.mean(), per.detach(), flat.grads(totals), [], strategy=name)
@@ -262,15 +258,15 @@ def _pull(
     pairs = [
         (o, c) for o, c in zip(outputs, cotangents) if isinstance(o, Tensor) and o.requires_grad
     ]
+    outs, cots = [o for o, _ in pairs], [c for _, c in pairs]
     w_in, s_in = list(w.values()), pytree.tree_leaves(s)
     inputs = [*w_in, *(t for t in s_in if isinstance(t, Tensor) and t.requires_grad), *phi]
-    if pairs and foreign_leaves([o for o, _ in pairs], inputs):
+    if outs and foreign_leaves(outs, inputs):
         raise ForeignUnderVmap(
             f"{problem.name}: an objective (or the optimizer) closes over a tensor that requires "
             f"grad, which the batched adjoint cannot reach."
         )
-    if pairs:
-        outs, cots = [o for o, _ in pairs], [c for _, c in pairs]
+    if outs:
         grads = list(
             torch.autograd.grad(
                 outs, inputs, grad_outputs=cots, allow_unused=True, materialize_grads=True
