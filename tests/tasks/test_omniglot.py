@@ -14,6 +14,7 @@ from metagrad.tasks import (
     DatasetError,
     FewShotTasks,
     ImageClasses,
+    keep_fraction,
     load_omniglot,
     read_omniglot_files,
 )
@@ -131,3 +132,30 @@ def test_real_decoded_splits_do_not_leak() -> None:
     s = load_omniglot(REAL, rotations=(0,))
     assert s.train.num_classes + s.val.num_classes + s.test.num_classes == 242
     assert not (_hashes(s.test) & _hashes(s.train))
+
+
+def test_train_fraction_keeps_nested_character_subsets(omniglot_zips: Path) -> None:
+    kw = dict(split=(0.5, 0.25, 0.25), image_size=8)
+    full = load_omniglot(omniglot_zips, **kw)
+    half = load_omniglot(omniglot_zips, train_fraction=0.5, **kw)
+    quarter = load_omniglot(omniglot_zips, train_fraction=0.25, **kw)
+    # 8 training characters -> 4 -> 2, each with its 4 rotations; val/test untouched.
+    assert [len(s.characters["train"]) for s in (full, half, quarter)] == [8, 4, 2]
+    assert (half.train.num_classes, quarter.train.num_classes) == (16, 8)
+    assert set(quarter.characters["train"]) <= set(half.characters["train"])
+    assert set(half.characters["train"]) <= set(full.characters["train"])
+    for s in (half, quarter):
+        assert s.characters["val"] == full.characters["val"]
+        assert s.characters["test"] == full.characters["test"]
+        assert torch.equal(s.test.images, full.test.images)
+        assert _hashes(s.train) <= _hashes(full.train)
+
+
+def test_keep_fraction_errors_name_the_fix() -> None:
+    assert keep_fraction([1, 2, 3], 1.0, 0) == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"keep_fraction: fraction=0 must be in \(0, 1\]"):
+        keep_fraction([1, 2, 3], 0, 0)
+    with pytest.raises(
+        ValueError, match=r"fraction=0.1 of 3 items keeps none. Fix: use a fraction >= 0.333"
+    ):
+        keep_fraction([1, 2, 3], 0.1, 0)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from mg_cli import run_cli
 
 TINY = ["--iterations", "4", "--meta-batch", "2", "--eval-tasks", "3", "--val-every", "2",
@@ -65,6 +66,26 @@ def test_train_omniglot_and_folder(
                 "--algorithm", "reptile", "--split", "0.5,0.25,0.25", *small, "--n-way", "2"]) == 0  # fmt: skip
 
 
+def test_train_fraction_is_recorded_and_shrinks_the_training_classes(
+    tmp_path: Path, omniglot_zips: Path
+) -> None:
+    from metagrad.training._build import load_splits
+    from metagrad.training._config import TrainConfig
+
+    small = ["--hidden", "4", "--image-size", "16", "--n-way", "3", "--queries", "1",
+             "--eval-queries", "1", "--split", "0.5,0.25,0.25", *TINY]  # fmt: skip
+    out = tmp_path / "half"
+    assert run(["train", "omniglot", "--data", str(omniglot_zips), "--output", str(out),
+                "--train-fraction", "0.5", *small]) == 0  # fmt: skip
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    assert cfg["train_fraction"] == 0.5
+    base = TrainConfig(task="omniglot", data=str(omniglot_zips), split=[0.5, 0.25, 0.25],
+                       image_size=16)  # fmt: skip
+    full, half = load_splits(base), load_splits(base.replace(train_fraction=0.5))
+    assert (full.get("train").num_classes, half.get("train").num_classes) == (8, 4)
+    assert torch.equal(full.get("test").images, half.get("test").images)
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
@@ -72,6 +93,11 @@ def test_train_omniglot_and_folder(
         (["train", "omniglot", "--data", "/nonexistent/omni.zip"], "does not exist"),
         (["train", "folder"], "needs a data path"),
         (["train", "sinusoid", "--inner-lr", "-1"], "inner_lr=-1.0"),
+        (["train", "sinusoid", "--train-fraction", "0.5"], "train_fraction=0.5 applies to image"),
+        (
+            ["train", "folder", "--data", "/nonexistent", "--train-fraction", "1.5"],
+            "train_fraction=1.5 must be a number in (0, 1]",
+        ),
         (["train", "sinusoid", "--config", "/nonexistent.toml"], "does not exist"),
         (["eval", "/nonexistent/checkpoint.pt"], "does not exist"),
     ],

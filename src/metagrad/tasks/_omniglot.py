@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -150,6 +151,35 @@ def split_characters(
     }
 
 
+T = TypeVar("T")
+
+
+def keep_fraction(items: Sequence[T], fraction: float, seed: int) -> list[T]:
+    """A nested subset of ``items``: the first ``round(fraction * n)`` of a ``seed``-shuffled order.
+
+    Nested: for the same ``items`` and ``seed`` a smaller fraction keeps a subset of what a larger
+    one keeps, so a data-scaling curve adds data rather than swapping it. Returned sorted.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1], or one that keeps no item.
+    """
+    if isinstance(fraction, bool) or not 0.0 < fraction <= 1.0:
+        raise ValueError(
+            f"metagrad.tasks.keep_fraction: fraction={fraction!r} must be in (0, 1], e.g. 0.5."
+        )
+    if fraction == 1.0:
+        return list(items)
+    keep = round(fraction * len(items))
+    if keep < 1:
+        raise ValueError(
+            f"metagrad.tasks.keep_fraction: fraction={fraction!r} of {len(items)} items keeps "
+            f"none. Fix: use a fraction >= {1.0 / max(len(items), 1):.3g}."
+        )
+    # A stream of its own (seed + 1): the split's permutation uses ``seed`` itself.
+    order = np.random.default_rng(seed + 1).permutation(len(items))[:keep]
+    return [items[i] for i in sorted(int(i) for i in order)]
+
+
 def load_omniglot(
     path: str | os.PathLike[str],
     *,
@@ -157,6 +187,7 @@ def load_omniglot(
     split: tuple[float, float, float] = (0.7, 0.1, 0.2),
     split_seed: int = 0,
     rotations: Sequence[int] = (0, 90, 180, 270),
+    train_fraction: float = 1.0,
 ) -> OmniglotSplits:
     """Load Omniglot, split by character, add rotated copies as new classes.
 
@@ -166,6 +197,8 @@ def load_omniglot(
         split: train / val / test fractions of the distinct characters.
         split_seed: seed of the split (fixed, independent of the training seed).
         rotations: angles whose rotated copies become classes of their own (``(0,)``: none).
+        train_fraction: keep this fraction of the training characters (all their rotations),
+            a nested subset (:func:`keep_fraction`); validation and test are unchanged.
 
     Raises:
         DatasetError: missing path, a zip that is not Omniglot-shaped, a corrupt PNG, a split
@@ -175,6 +208,7 @@ def load_omniglot(
         raise ValueError(f"{FN}: image_size={image_size!r} must be an int > 0 (e.g. 28).")
     chars, duplicates = read_omniglot_files(path)
     parts = split_characters(list(chars), split, split_seed)
+    parts["train"] = keep_fraction(parts["train"], train_fraction, split_seed)
     for name, keys in parts.items():
         if not keys:
             raise DatasetError(

@@ -23,6 +23,7 @@ from metagrad.tasks import (
     SinusoidTasks,
     TaskBatch,
     derive_seed,
+    keep_fraction,
     load_image_folder,
     load_omniglot,
 )
@@ -80,6 +81,7 @@ def load_splits(cfg: TrainConfig) -> Splits:
             split=split,
             split_seed=cfg.split_seed,
             rotations=cfg.rotations,
+            train_fraction=cfg.train_fraction,
         )
         return Splits(om.train, om.val, om.test)
     data = load_image_folder(cfg.data, image_size=cfg.image_size)
@@ -89,6 +91,7 @@ def load_splits(cfg: TrainConfig) -> Splits:
     n_tr = round(cfg.split[0] * data.num_classes)
     n_va = round(cfg.split[1] * data.num_classes)
     parts = [perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]]
+    parts[0] = keep_fraction(sorted(int(i) for i in parts[0]), cfg.train_fraction, cfg.split_seed)
     out = [data.subset(sorted(int(i) for i in p)).with_rotations(cfg.rotations) for p in parts]
     return Splits(*out)
 

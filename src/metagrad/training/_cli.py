@@ -62,7 +62,7 @@ TRAIN_FLAGS = {
     "device": "device", "tensorboard": "tensorboard", "split": "split", "val_tasks": "val_tasks",
     "compile": "compile", "imaml_lam": "imaml_lam", "cg_steps": "cg_steps", "nan_policy": "nan_policy",
     "model": "model", "val_steps": "val_steps", "init": "init",
-    "step_weights": "step_weights",
+    "step_weights": "step_weights", "train_fraction": "train_fraction",
 }  # fmt: skip
 DATA_ENV = "METAGRAD_DATA"  # Omniglot location when --data is not given
 _pos_int, _nonneg_int = int_at_least(1), int_at_least(0)
@@ -455,6 +455,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--image-size", type=_pos_int, help="resize images to N x N")
     p.add_argument("--split", type=unit_fractions, help="class split fractions TRAIN,VAL,TEST")
+    p.add_argument(
+        "--train-fraction", type=positive_float, metavar="F",
+        help="keep this fraction (0, 1] of the training characters, nested across fractions "
+        "(data-scaling ablation; validation and test unchanged)",
+    )  # fmt: skip
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument(
         "--tensorboard", action="store_const", const=True, help="also log to TensorBoard"

@@ -51,6 +51,10 @@ class TrainConfig:
     rotations: list[int] = field(default_factory=lambda: [0])
     split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
     split_seed: int = 0
+    # data-scaling ablation: keep this fraction of the training split's characters (classes),
+    # a nested subset (a smaller fraction keeps a prefix of the same seeded order); val/test
+    # are unchanged
+    train_fraction: float = 1.0
     # inner loop
     inner_lr: float = 0.01
     inner_steps: int = 1
@@ -443,6 +447,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"split={cfg.split!r} must be three fractions TRAIN,VAL,TEST >= 0 summing to 1, "
             f"e.g. [0.7, 0.1, 0.2]."
+        )
+    ok = isinstance(cfg.train_fraction, (int, float)) and not isinstance(cfg.train_fraction, bool)
+    if not ok or not 0.0 < cfg.train_fraction <= 1.0:
+        raise ConfigError(
+            f"train_fraction={cfg.train_fraction!r} must be a number in (0, 1] (the fraction of "
+            f"training characters kept, e.g. 0.5); 1 keeps them all."
+        )
+    if cfg.task == "sinusoid" and cfg.train_fraction != 1.0:
+        raise ConfigError(
+            f"train_fraction={cfg.train_fraction!r} applies to image tasks (omniglot, folder); "
+            f"sinusoid tasks are drawn afresh. Fix: drop --train-fraction."
         )
     bad = [a for a in cfg.rotations if a % 90 != 0]
     if not cfg.rotations or bad or len({a % 360 for a in cfg.rotations}) != len(cfg.rotations):
