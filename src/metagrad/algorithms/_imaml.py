@@ -32,8 +32,10 @@ from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.algorithms._base import ImplicitLearner, check_steps
-from metagrad.algorithms._task import MetaResult, make_inner_optimizer
+from metagrad.algorithms._imaml_vmap import implicit_gradients, solve_proximal
+from metagrad.algorithms._task import MetaResult, make_inner_optimizer, resolve_strategy
 from metagrad.bilevel import cg, custom_root
+from metagrad.bilevel._vmap import note_vmap_failure
 from metagrad.functional._attention import higher_order_attention
 from metagrad.functional._checks import check_task
 
@@ -126,6 +128,8 @@ class IMAML(ImplicitLearner):
         self.last_cg: list[tuple[int, float]] = []  # (iterations, relative residual) per task
         # per task: ||F(t*, theta)|| / (1 + ||t*||), how far the inner problem is from solved
         self.last_residual: list[float] = []
+        # None: not decided yet; False: vmap failed once on this model (the loop runs).
+        self._vmap_ok: bool | None = None
 
     def default_eval_steps(self) -> int:
         return self.eval_steps
@@ -235,10 +239,15 @@ class IMAML(ImplicitLearner):
         self.fmodel.sync_modes()
         buffers = self.fmodel.buffers()
         T = xs.shape[0]
-        total = {k: torch.zeros_like(v) for k, v in theta.items()}
-        losses = []
         self.last_cg = []
         self.last_residual = []
+        if T > 1:
+            batched = self._vmapped(theta, buffers, (xs, ys, xq, yq), steps, need_grad)
+            if batched is not None:
+                per_task, grads = batched
+                return per_task.mean(), grads, per_task
+        total = {k: torch.zeros_like(v) for k, v in theta.items()}
+        losses = []
         for i in range(T):
             if not need_grad:  # validation: the inner solution's query loss only
                 t = self.solve_inner(theta, buffers, xs[i], ys[i], steps, i)
@@ -250,6 +259,67 @@ class IMAML(ImplicitLearner):
                 total[k] += g / T
         per_task = torch.stack(losses)
         return per_task.mean(), total, per_task
+
+    def _vmapped(
+        self,
+        theta: Params,
+        buffers: Buffers,
+        tasks: tuple[Tensor, Tensor, Tensor, Tensor],
+        steps: int,
+        need_grad: bool,
+    ) -> tuple[Tensor, Params] | None:
+        """Per-task query losses and the mean implicit gradient of all tasks at once, or None.
+
+        Where the default MAML strategy would vmap (vmap-safe models, not channels-last conv nets
+        on CPU), the inner solves run in one ``vmap`` and the implicit solves as one batched CG
+        (:mod:`metagrad.algorithms._imaml_vmap`; per task the iterates of the loop's CG). None
+        means "run the per-task loop": not vmap-safe, an op without a batching rule (logged once,
+        then the loop for this learner), or a non-finite result (the loop then names task and
+        step).
+        """
+        _, device = self._dtype_device(theta)
+        if (
+            self._vmap_ok is False
+            or resolve_strategy("auto", self.fmodel, self.fn_name, device=device) != "vmap"
+        ):
+            return None
+        xs, ys, xq, yq = tasks
+        fwd = self.fmodel.forward
+        try:
+            t_star = solve_proximal(
+                fwd, self.loss_fn, self.inner_optimizer, theta, buffers, xs, ys,
+                lam=self.lam, lr=self.inner_lr, steps=steps,
+            )  # fmt: skip
+            if not need_grad:
+                with torch.no_grad():
+                    per_task = torch.func.vmap(
+                        lambda t, a, b: self.loss_fn(fwd(t, buffers, a), b),
+                        randomness="different",
+                    )(t_star, xq, yq)
+                res = None
+            else:
+                res = implicit_gradients(
+                    fwd, self.loss_fn, t_star, theta, buffers, tasks, lam=self.lam,
+                    cg_steps=self.cg_steps, damping=self.cg_damping, tol=1e-12, fn_name=self.fn_name,
+                )  # fmt: skip
+        except RuntimeError as err:  # an op without a batching rule: the loop, from now on
+            self._vmap_ok = False
+            note_vmap_failure(None, None, err, self.fn_name, "vmap over tasks failed",
+                              "the per-task loop runs instead")  # fmt: skip
+            return None
+        self._vmap_ok = True
+        values = [*t_star.values()] + ([] if res is None else [res.query, *res.grads.values()])
+        if not need_grad:
+            values.append(per_task)
+        if self.check_finite and not all(bool(v.isfinite().all()) for v in values):
+            return None  # the loop names the task and step
+        if res is None:
+            return per_task.detach(), {}
+        self.last_cg = [
+            (int(i), float(r)) for i, r in zip(res.cg.iterations.tolist(), res.cg.residual.tolist())
+        ]
+        self.last_residual = [float(r) for r in res.residual.tolist()]
+        return res.query, {k: g.mean(0) for k, g in res.grads.items()}
 
     def adapt(
         self, x: Tensor, y: Tensor, steps: int | None = None, *, differentiable: bool = False
