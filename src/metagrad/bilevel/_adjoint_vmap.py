@@ -29,16 +29,41 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metagrad import optim
 from metagrad._compat import pytree
 from metagrad._typing import Params
 from metagrad.bilevel._adjoint import Iterates
 from metagrad.bilevel._foreign import foreign_leaves
-from metagrad.bilevel._inner import FuncBackend, batch_at, inner_step, resolved_optimizer
+from metagrad.bilevel._inner import batch_at, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index, tree_detach
 from metagrad.bilevel._vmap import ForeignUnderVmap
+from metagrad.functional._attention import attention_for
 
 State = tuple[Params, Any]
+
+# Optimizers whose update is elementwise per parameter with a Python step count: on leaves
+# batched as [P, *shape] with scalar hyperparameters it computes exactly what vmap of it does.
+_ELEMENTWISE = (optim.SGD, optim.Adam, optim.AdamW)
+
+
+def batched_update(
+    opt: optim.Optimizer,
+    grads: Params,
+    state: Any,
+    w: Params,
+    k: int,
+    lrs: dict[str, Any] | None,
+) -> State:
+    """``vmap(opt.update)`` over the problems' leading dimension, without ``vmap`` when the
+    update is elementwise with scalar hyperparameters (SGD, Adam, AdamW: vmap's per-op
+    dispatch costs ~10x the update itself on a small MLP; BENCHMARKS.md)."""
+    scalar = lrs is None or all(not isinstance(v, Tensor) or v.dim() == 0 for v in lrs.values())
+    if type(opt) in _ELEMENTWISE and scalar and not any(opt._shaped):  # type: ignore[attr-defined]
+        out: State = opt.update(grads, state, w, k, lrs)
+        return out
+    res: State = torch.func.vmap(lambda x, g, st: opt.update(g, st, x, k, lrs))(w, grads, state)
+    return res
 
 
 BATCH_BYTES = 2**28
@@ -142,7 +167,6 @@ def _group(
     phi = [consts[j] for j in phi_idx]
     w0_names = list(flat.leaves_as_tree().w0)
     w0_wrt = {w0_names[j]: j for j in flat.wrt if j < n0}
-    backend = FuncBackend(create_graph=problem.order == 2)
 
     def tree(values: list[Tensor]) -> MetaParams:
         leaves = list(consts)
@@ -150,11 +174,30 @@ def _group(
             leaves[j] = v
         return MetaParams(*pytree.tree_unflatten(leaves, flat.spec))
 
+    create_graph = problem.order == 2
+
     def step(w: Params, s: Any, values: list[Tensor], k: int, batch: Any) -> State:
+        # All problems' step k on batched (w, s): the inner gradients come from one autograd
+        # call on the summed vmapped losses (create_graph for the VJP that follows), as the
+        # forward sweep's do, instead of torch.func.grad inside vmap, which wraps every op of the
+        # step again; the update is batched_update.
         mp = tree(values)
-        optimizer = resolved_optimizer(problem, mp.opt)
-        new, s_new, _ = inner_step(problem, optimizer, backend, w, problem.hyper(mp.h), s, k, batch)
-        return new, s_new
+        h = problem.hyper(mp.h)
+        with attention_for(create_graph):
+            losses = torch.func.vmap(
+                lambda x, d: problem.call_inner(x, h, d, k), randomness="same"
+            )(w, batch)
+            leaves = list(w.values())
+            gs = (
+                torch.autograd.grad(
+                    losses.sum(), leaves, create_graph=create_graph, allow_unused=True
+                )
+                if losses.requires_grad
+                else [None] * len(leaves)
+            )
+        grads = {n: torch.zeros_like(w[n]) if g is None else g for n, g in zip(w, gs)}
+        lrs = {n: problem.lr(h, k, n) for n in w} if problem.lr is not None else None
+        return batched_update(resolved_optimizer(problem, mp.opt), grads, s, w, k, lrs)
 
     mp_fwd = tree(phi)
     h_fwd = problem.hyper(mp_fwd.h)
@@ -174,8 +217,7 @@ def _group(
             gs = torch.autograd.grad(losses.sum(), list(a.values()), allow_unused=True)
         grads = {n: torch.zeros_like(a[n]) if g is None else g for n, g in zip(a, gs)}
         lrs = {n: problem.lr(h_fwd, k, n) for n in w} if problem.lr is not None else None
-        out: State = torch.func.vmap(lambda x, g, st: opt_fwd.update(g, st, x, k, lrs))(w, grads, s)
-        return out
+        return batched_update(opt_fwd, grads, s, w, k, lrs)
 
     mp0 = tree(phi)
     w = {n: v.expand(P, *v.shape) for n, v in mp0.w0.items()}
@@ -192,11 +234,11 @@ def _group(
         with torch.enable_grad():
             a, b, p_r = _inputs(w_last), _inputs(s_last), [x.detach().requires_grad_() for x in phi]
 
-            def last(x: Params, y: Any, d: Any, do: Any) -> Tensor:
-                new, _ = step(x, y, p_r, K - 1, d)
-                return problem.call_outer(new, problem.hyper(tree(p_r).h), do, K)
-
-            vals = torch.func.vmap(last, randomness="same")(a, b, batch, outer_data)
+            new, _ = step(a, b, p_r, K - 1, batch)
+            h_r = problem.hyper(tree(p_r).h)
+            vals = torch.func.vmap(
+                lambda x, do: problem.call_outer(x, h_r, do, K), randomness="same"
+            )(new, outer_data)
             # One backward of c_K * sum_p g_p(F(w_p, s_p, phi), phi): each problem's VJP of the
             # last step with its outer gradient, plus phi's direct term, summed over problems.
             v, u, g_phi = _pull(problem, [c_K * vals.sum()], [None], a, b, p_r)
@@ -215,9 +257,7 @@ def _group(
             with torch.enable_grad():
                 a, b = _inputs(w_prev), _inputs(s_prev)
                 p_r = [x.detach().requires_grad_() for x in phi]
-                new, s_new = torch.func.vmap(
-                    lambda x, y, d, k=k - 1, p=p_r: step(x, y, p, k, d), randomness="same"
-                )(a, b, batch)
+                new, s_new = step(a, b, p_r, k - 1, batch)
                 outs = [*pytree.tree_leaves(new), *pytree.tree_leaves(s_new)]
                 cots = [*pytree.tree_leaves(v), *pytree.tree_leaves(u)]
                 v, u, gp = _pull(problem, outs, cots, a, b, p_r)
