@@ -66,6 +66,23 @@ def test_train_omniglot_and_folder(
                 "--algorithm", "reptile", "--split", "0.5,0.25,0.25", *small, "--n-way", "2"]) == 0  # fmt: skip
 
 
+def test_cg_damping_reaches_the_imaml_learner(tmp_path: Path) -> None:
+    from metagrad.models import sinusoid_mlp
+    from metagrad.training._build import make_learner
+    from metagrad.training._config import TrainConfig
+
+    out = tmp_path / "imaml"
+    assert run(["train", "sinusoid", "--algorithm", "imaml", "--cg-damping", "0.5", "--output",
+                str(out), *TINY]) == 0  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["config"]["cg_damping"] == 0.5
+    cfg = TrainConfig(algorithm="imaml", cg_damping=0.5)
+    assert make_learner(cfg, sinusoid_mlp()).cg_damping == 0.5
+    from metagrad.training._config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"cg_damping=-1.0 must be a finite number >= 0"):
+        validate(cfg.replace(cg_damping=-1.0))
+
+
 def test_train_fraction_is_recorded_and_shrinks_the_training_classes(
     tmp_path: Path, omniglot_zips: Path
 ) -> None:

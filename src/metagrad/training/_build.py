@@ -219,7 +219,7 @@ def make_learner(cfg: TrainConfig, model: nn.Module) -> MAML | Reptile | IMAML:
     if a == "imaml":
         return IMAML(
             model, loss, cfg.inner_lr, cfg.inner_steps, lam=cfg.imaml_lam,
-            cg_steps=cfg.cg_steps, eval_steps=cfg.eval_steps,
+            cg_steps=cfg.cg_steps, cg_damping=cfg.cg_damping, eval_steps=cfg.eval_steps,
         )  # fmt: skip
     kwargs: dict[str, Any] = {
         "eval_steps": cfg.eval_steps, "strategy": cfg.strategy, "compile": cfg.compile,

@@ -20,7 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from metagrad._argtypes import int_at_least, number, positive_float, step_list, unit_fractions
+from metagrad._argtypes import (
+    int_at_least,
+    nonneg_float,
+    number,
+    positive_float,
+    step_list,
+    unit_fractions,
+)
 from metagrad._errors import NonFiniteError
 from metagrad._perf import keep_freed_memory
 from metagrad.algorithms._task import STRATEGIES
@@ -60,7 +67,7 @@ TRAIN_FLAGS = {
     "lr_schedule": "lr_schedule", "val_every": "val_every", "log_every": "log_every",
     "checkpoint_every": "checkpoint_every", "hidden": "hidden", "image_size": "image_size",
     "device": "device", "tensorboard": "tensorboard", "split": "split", "val_tasks": "val_tasks",
-    "compile": "compile", "imaml_lam": "imaml_lam", "cg_steps": "cg_steps", "nan_policy": "nan_policy",
+    "compile": "compile", "imaml_lam": "imaml_lam", "cg_steps": "cg_steps", "cg_damping": "cg_damping", "nan_policy": "nan_policy",
     "model": "model", "val_steps": "val_steps", "init": "init",
     "step_weights": "step_weights", "train_fraction": "train_fraction",
 }  # fmt: skip
@@ -474,6 +481,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--imaml-lam", type=positive_float, help="iMAML proximal strength lambda")
     p.add_argument("--cg-steps", type=_pos_int, help="iMAML conjugate-gradient steps")
+    p.add_argument(
+        "--cg-damping", type=nonneg_float, metavar="D",
+        help="iMAML: solve (1 + D) I + H / lambda (default 0; > 0 where the support Hessian "
+        "is indefinite and CG fails)",
+    )  # fmt: skip
     p.add_argument(
         "--dist-timeout", type=positive_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
         help=f"torchrun: seconds a rank waits for the others in a collective before it stops "

@@ -67,6 +67,8 @@ class TrainConfig:
     step_weights: list[float] | None = None
     imaml_lam: float = 1.0
     cg_steps: int = 5
+    # iMAML: solve (1 + d) I + H / lam instead of I + H / lam (a ReLU net's H can be indefinite)
+    cg_damping: float = 0.0
     # outer loop
     meta_lr: float = 1e-3
     meta_batch: int = 25
@@ -398,6 +400,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"imaml_lam={cfg.imaml_lam} must be a finite number > 0 and cg_steps={cfg.cg_steps} "
             f">= 1 (iMAML)."
         )
+    _check_float("cg_damping", cfg.cg_damping, 0.0)
     if cfg.algorithm not in ALGORITHMS:
         raise ConfigError(
             f"algorithm={cfg.algorithm!r} is not known; choose one of {list(ALGORITHMS)}."
