@@ -12,8 +12,7 @@ train() { name=$1; shift; metagrad train "$@" --output "results/algorithms/$name
 for a in maml fomaml metasgd anil mamlpp; do
   OMP_NUM_THREADS=2 train "sinusoid-$a" sinusoid-quick --algorithm "$a" --no-progress --no-plots
 done
-# Reptile: 5 inner steps in training (tasks vmapped). iMAML was not run: its per-task loop takes
-# ~240 ms per iteration here (40 min for 10k).
+# Reptile: 5 inner steps in training (tasks vmapped).
 OMP_NUM_THREADS=1 train sinusoid-reptile sinusoid-quick --algorithm reptile --inner-steps 5 \
   --no-progress --no-plots
 
@@ -32,9 +31,38 @@ OMP_NUM_THREADS=1 train omniglot-5w1s-reptile omniglot --algorithm reptile $OMNI
 OMP_NUM_THREADS=1 metagrad eval results/algorithms/omniglot-5w1s-reptile \
   --data ../shared/data/omniglot --test-steps 0,1,3,5,10 --no-plots \
   --output results/algorithms/omniglot-5w1s-reptile-eval10
+# MAML 5-way 5-shot, the same recipe (1 thread, next to another 1-thread job):
+OMP_NUM_THREADS=1 train omniglot-5w5s-maml omniglot --shots 5 $OMNI --iterations 1500
 # Not run to the end (README says why): iMAML with the paper's Omniglot inner loop, stopped
-# after 140 iterations at 1.9-2.0 s each (2 threads):
+# after 140 iterations at 1.9-2.0 s each (2 threads; conv nets run iMAML's per-task loop):
 #   OMP_NUM_THREADS=2 train omniglot-5w1s-imaml omniglot --algorithm imaml $OMNI \
 #     --iterations 1500 --inner-steps 16 --inner-lr 0.1 --imaml-lam 2.0 --cg-steps 5
-# and MAML 5-way 5-shot (not started):
-#   OMP_NUM_THREADS=1 train omniglot-5w5s-maml omniglot --shots 5 $OMNI --iterations 1500
+
+# Omniglot 20-way 1-shot: the 5-way protocol with 20 classes, 1 training query per class,
+# 500 iterations, 0/1/5 test steps (MAML's row also 3). 1 thread each, two jobs side by side
+# (FOMAML: 2 threads, alone).
+O20="--data ../shared/data/omniglot --n-way 20 --meta-batch 8 --queries 1 --lr-schedule constant \
+  --split 0.8,0.05,0.15 --val-every 250 --val-tasks 50 --iterations 500 --test-steps 0,1,5 \
+  --no-progress --no-plots"
+OMP_NUM_THREADS=1 train omniglot-20w1s-maml omniglot $O20 --test-steps 0,1,3,5
+for a in fomaml metasgd anil mamlpp; do
+  OMP_NUM_THREADS=1 train "omniglot-20w1s-$a" omniglot --algorithm "$a" $O20
+done
+OMP_NUM_THREADS=1 train omniglot-20w1s-reptile omniglot --algorithm reptile $O20 \
+  --inner-steps 5 --inner-lr 0.4
+OMP_NUM_THREADS=1 train omniglot-20w5s-maml omniglot --shots 5 $O20 --iterations 300
+
+# Data scaling: MAML 5-way 1-shot at 1,000 iterations on nested 50% / 75% subsets of the
+# training characters (100%: results/omniglot-5w1s-time-to-accuracy/it-1000).
+for f in 50 75; do
+  OMP_NUM_THREADS=1 train "omniglot-5w1s-maml-train$f" omniglot $OMNI --iterations 1000 \
+    --train-fraction "0.$f"
+done
+
+# iMAML on sinusoid: 16 proximal SGD steps; lambda and alpha chosen on validation (pilots in
+# pilots/sinusoid-imaml-*: lambda 10 at alpha 0.005 best, 1.32 after 5 steps at 3,000
+# iterations), then alpha halved and CG damped after the full run at the chosen setting
+# diverged (README says how):
+OMP_NUM_THREADS=1 train sinusoid-imaml sinusoid-quick --algorithm imaml --inner-steps 16 \
+  --inner-lr 0.0025 --imaml-lam 10 --cg-damping 1 --nan-policy skip --test-steps 0,1,5,10,16 \
+  --no-progress --no-plots
