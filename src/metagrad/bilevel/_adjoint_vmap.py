@@ -35,7 +35,7 @@ from metagrad._typing import Params
 from metagrad.bilevel._adjoint import Iterates
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import batch_at, resolved_optimizer
-from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
+from metagrad.bilevel._problem import HyperGrad, MetaParams, Optimizer, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index, tree_detach
 from metagrad.bilevel._vmap import ForeignUnderVmap
 from metagrad.functional._attention import attention_for
@@ -48,7 +48,7 @@ _ELEMENTWISE = (optim.SGD, optim.Adam, optim.AdamW)
 
 
 def batched_update(
-    opt: optim.Optimizer,
+    opt: Optimizer,
     grads: Params,
     state: Any,
     w: Params,

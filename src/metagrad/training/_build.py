@@ -90,9 +90,12 @@ def load_splits(cfg: TrainConfig) -> Splits:
     perm = np.random.default_rng(cfg.split_seed).permutation(data.num_classes)
     n_tr = round(cfg.split[0] * data.num_classes)
     n_va = round(cfg.split[1] * data.num_classes)
-    parts = [perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]]
-    parts[0] = keep_fraction(sorted(int(i) for i in parts[0]), cfg.train_fraction, cfg.split_seed)
-    out = [data.subset(sorted(int(i) for i in p)).with_rotations(cfg.rotations) for p in parts]
+    parts = [
+        sorted(int(i) for i in p)
+        for p in (perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :])
+    ]
+    parts[0] = keep_fraction(parts[0], cfg.train_fraction, cfg.split_seed)
+    out = [data.subset(p).with_rotations(cfg.rotations) for p in parts]
     return Splits(*out)
 
 
