@@ -21,8 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from metagrad._typing import LossFn, Params
-from metagrad.algorithms._task import InnerSpec, LRRule, MetaResult, TaskLoss, run_task
+from metagrad.algorithms._task import (
+    InnerSpec,
+    LRRule,
+    MetaResult,
+    TaskLoss,
+    resolve_strategy,
+    run_task,
+)
 from metagrad.bilevel._problem import attach_pairs
+from metagrad.bilevel._vmap import note_vmap_failure
 from metagrad.functional._checks import check_task, check_tasks
 from metagrad.functional._model import FunctionalModel, dtype_device
 from metagrad.optim import Optimizer
@@ -165,6 +173,24 @@ class Learner(nn.Module, ABC):
         return self.meta_result(xs, ys, xq, yq).grads
 
     # -- shared helpers ---------------------------------------------------------------------
+    # Learners with a task loop of their own (Reptile, iMAML) batch it in one vmap where MAML's
+    # "auto" would. None: not decided yet; False: vmap failed once on this model (the loop runs).
+    _vmap_ok: bool | None = None
+
+    def _batches_tasks(self, theta: Params) -> bool:
+        """Whether this learner's tasks may run in one ``vmap``: vmap-safe model, not a
+        channels-last conv net on CPU (:func:`resolve_strategy`'s ``auto``), no earlier failure."""
+        _, device = self._dtype_device(theta)
+        if self._vmap_ok is False:
+            return False
+        return resolve_strategy("auto", self.fmodel, self.fn_name, device=device) == "vmap"
+
+    def _vmap_failed(self, err: BaseException) -> None:
+        """An op without a batching rule: log it once and run the per-task loop from now on."""
+        self._vmap_ok = False
+        note_vmap_failure(None, None, err, self.fn_name, "vmap over tasks failed",
+                          "the per-task loop runs instead")  # fmt: skip
+
     def _dtype_device(self, theta: Params | None = None) -> tuple[torch.dtype, torch.device]:
         return dtype_device(self.fmodel.params() if theta is None else theta)
 

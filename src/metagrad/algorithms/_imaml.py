@@ -33,9 +33,8 @@ from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.algorithms._base import ImplicitLearner, check_steps
 from metagrad.algorithms._imaml_vmap import implicit_gradients, solve_proximal
-from metagrad.algorithms._task import MetaResult, make_inner_optimizer, resolve_strategy
+from metagrad.algorithms._task import MetaResult, make_inner_optimizer
 from metagrad.bilevel import cg, custom_root
-from metagrad.bilevel._vmap import note_vmap_failure
 from metagrad.functional._attention import higher_order_attention
 from metagrad.functional._checks import check_task
 
@@ -128,8 +127,6 @@ class IMAML(ImplicitLearner):
         self.last_cg: list[tuple[int, float]] = []  # (iterations, relative residual) per task
         # per task: ||F(t*, theta)|| / (1 + ||t*||), how far the inner problem is from solved
         self.last_residual: list[float] = []
-        # None: not decided yet; False: vmap failed once on this model (the loop runs).
-        self._vmap_ok: bool | None = None
 
     def default_eval_steps(self) -> int:
         return self.eval_steps
@@ -271,17 +268,13 @@ class IMAML(ImplicitLearner):
         """Per-task query losses and the mean implicit gradient of all tasks at once, or None.
 
         Where the default MAML strategy would vmap (vmap-safe models, not channels-last conv nets
-        on CPU), the inner solves run in one ``vmap`` and the implicit solves as one batched CG
+        on CPU), the inner solves run batched over tasks and the implicit solves as one batched CG
         (:mod:`metagrad.algorithms._imaml_vmap`; per task the iterates of the loop's CG). None
         means "run the per-task loop": not vmap-safe, an op without a batching rule (logged once,
         then the loop for this learner), or a non-finite result (the loop then names task and
         step).
         """
-        _, device = self._dtype_device(theta)
-        if (
-            self._vmap_ok is False
-            or resolve_strategy("auto", self.fmodel, self.fn_name, device=device) != "vmap"
-        ):
+        if not self._batches_tasks(theta):
             return None
         xs, ys, xq, yq = tasks
         fwd = self.fmodel.forward
@@ -303,14 +296,13 @@ class IMAML(ImplicitLearner):
                     cg_steps=self.cg_steps, damping=self.cg_damping, tol=1e-12, fn_name=self.fn_name,
                 )  # fmt: skip
         except RuntimeError as err:  # an op without a batching rule: the loop, from now on
-            self._vmap_ok = False
-            note_vmap_failure(None, None, err, self.fn_name, "vmap over tasks failed",
-                              "the per-task loop runs instead")  # fmt: skip
+            self._vmap_failed(err)
             return None
         self._vmap_ok = True
-        values = [*t_star.values()] + ([] if res is None else [res.query, *res.grads.values()])
-        if not need_grad:
-            values.append(per_task)
+        values = [
+            *t_star.values(),
+            *([per_task] if res is None else [res.query, *res.grads.values()]),
+        ]
         if self.check_finite and not all(bool(v.isfinite().all()) for v in values):
             return None  # the loop names the task and step
         if res is None:

@@ -25,14 +25,13 @@ from metagrad.algorithms._task import (
     InnerSpec,
     MetaResult,
     make_inner_optimizer,
-    resolve_strategy,
     run_task,
     split,
     task_problem,
 )
 from metagrad.bilevel._inner import FuncBackend, run
 from metagrad.bilevel._problem import MetaParams
-from metagrad.bilevel._vmap import check_reaches_inner, note_vmap_failure
+from metagrad.bilevel._vmap import check_reaches_inner
 
 
 class Reptile(UnrolledLearner):
@@ -71,8 +70,6 @@ class Reptile(UnrolledLearner):
         self._init_inner_loop(inner_lr, inner_steps, eval_steps)
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.fn_name)
         self.allow_unused, self.check_finite = bool(allow_unused), bool(check_finite)
-        # None: not decided yet; False: vmap failed once on this model (the loop runs).
-        self._vmap_ok: bool | None = None
 
     def default_eval_steps(self) -> int:
         return self.eval_steps
@@ -131,11 +128,7 @@ class Reptile(UnrolledLearner):
         batching rule (logged once, then the loop is used for this learner), or a result is not
         finite (the loop then raises the error that names the task and step).
         """
-        _, device = self._dtype_device(theta)
-        if (
-            self._vmap_ok is False
-            or resolve_strategy("auto", self.fmodel, self.fn_name, order=1, device=device) != "vmap"
-        ):
+        if not self._batches_tasks(theta):
             return None
         problem = dataclasses.replace(task_problem(spec, self.objective), check_finite=False)
         th = {k: v.detach() for k, v in theta.items()}
@@ -157,9 +150,7 @@ class Reptile(UnrolledLearner):
         try:
             per_task, phis = torch.func.vmap(one, randomness="different")(xs, ys, xq, yq)
         except RuntimeError as err:  # an op without a batching rule: the loop, from now on
-            self._vmap_ok = False
-            note_vmap_failure(None, None, err, self.fn_name, "vmap over tasks failed",
-                              "the per-task loop runs instead")  # fmt: skip
+            self._vmap_failed(err)
             return None
         self._vmap_ok = True
         if self.check_finite:

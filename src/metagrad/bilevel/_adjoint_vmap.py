@@ -176,52 +176,46 @@ def _group(
 
     create_graph = problem.order == 2
 
-    def step(w: Params, s: Any, values: list[Tensor], k: int, batch: Any) -> State:
-        # All problems' step k on batched (w, s): the inner gradients come from one autograd
-        # call on the summed vmapped losses (create_graph for the VJP that follows), as the
-        # forward sweep's do, instead of torch.func.grad inside vmap, which wraps every op of the
-        # step again; the update is batched_update.
-        mp = tree(values)
-        h = problem.hyper(mp.h)
-        with attention_for(create_graph):
+    def inner_grads(w: Params, h: Any, k: int, batch: Any, graph: bool) -> Params:
+        # All problems' inner gradients at step k from one autograd call on the summed vmapped
+        # losses (the problems are independent: the sum's gradient w.r.t. problem p's
+        # parameters is problem p's gradient), instead of torch.func.grad inside vmap, which
+        # wraps every op of the step again. ``graph``: keep it for the VJP that follows.
+        with attention_for(graph):
             losses = torch.func.vmap(
                 lambda x, d: problem.call_inner(x, h, d, k), randomness="same"
             )(w, batch)
             leaves = list(w.values())
             gs = (
-                torch.autograd.grad(
-                    losses.sum(), leaves, create_graph=create_graph, allow_unused=True
-                )
+                torch.autograd.grad(losses.sum(), leaves, create_graph=graph, allow_unused=True)
                 if losses.requires_grad
                 else [None] * len(leaves)
             )
-        grads = {n: torch.zeros_like(w[n]) if g is None else g for n, g in zip(w, gs)}
-        lrs = {n: problem.lr(h, k, n) for n in w} if problem.lr is not None else None
-        return batched_update(resolved_optimizer(problem, mp.opt), grads, s, w, k, lrs)
+        return {n: torch.zeros_like(w[n]) if g is None else g for n, g in zip(w, gs)}
+
+    def lrs_at(h: Any, k: int, w: Params) -> dict[str, Any] | None:
+        return {n: problem.lr(h, k, n) for n in w} if problem.lr is not None else None
+
+    def step(w: Params, s: Any, values: list[Tensor], k: int, batch: Any) -> State:
+        # A reverse step's recompute on batched (w, s), differentiable in (w, s, phi).
+        mp = tree(values)
+        h = problem.hyper(mp.h)
+        grads = inner_grads(w, h, k, batch, create_graph)
+        return batched_update(resolved_optimizer(problem, mp.opt), grads, s, w, k, lrs_at(h, k, w))
 
     mp_fwd = tree(phi)
     h_fwd = problem.hyper(mp_fwd.h)
     opt_fwd = resolved_optimizer(problem, mp_fwd.opt)
 
     def advance(w: Params, s: Any, k: int) -> State:
-        # The forward sweep keeps no graph, so its inner gradients come from one autograd
-        # backward of the summed per-problem losses (the problems are independent: the sum's
-        # gradient w.r.t. problem p's parameters is problem p's gradient), cheaper than
-        # torch.func.grad inside vmap; the update is vmapped.
-        batch = batch_at(problem, inner_data, k)
+        # The forward sweep keeps no graph: first-order gradients, the same batched update.
         with torch.enable_grad():
             a = {n: v.detach().requires_grad_() for n, v in w.items()}
-            losses = torch.func.vmap(
-                lambda x, d: problem.call_inner(x, h_fwd, d, k), randomness="same"
-            )(a, batch)
-            gs = torch.autograd.grad(losses.sum(), list(a.values()), allow_unused=True)
-        grads = {n: torch.zeros_like(a[n]) if g is None else g for n, g in zip(a, gs)}
-        lrs = {n: problem.lr(h_fwd, k, n) for n in w} if problem.lr is not None else None
-        return batched_update(opt_fwd, grads, s, w, k, lrs)
+            grads = inner_grads(a, h_fwd, k, batch_at(problem, inner_data, k), False)
+        return batched_update(opt_fwd, grads, s, w, k, lrs_at(h_fwd, k, w))
 
-    mp0 = tree(phi)
-    w = {n: v.expand(P, *v.shape) for n, v in mp0.w0.items()}
-    s = torch.func.vmap(resolved_optimizer(problem, mp0.opt).init)(w)
+    w = {n: v.expand(P, *v.shape) for n, v in mp_fwd.w0.items()}
+    s = torch.func.vmap(opt_fwd.init)(w)
     # The forward sweep stops at w_{K-1}: the last step's VJP computes w_K as its primal.
     iterates = Iterates(advance, (w, s), max(K - 1, 0), every)
 
