@@ -140,8 +140,6 @@ def test_bilevel_foreign_tensors_per_strategy() -> None:
     for s in ("forward",):
         with pytest.raises(ValueError, match="closes over a tensor"):
             bilevel.hypergrad(pb, w0, {"lam": lam}, (X, y), (X, y), strategy=s)
-    with pytest.raises(ValueError, match="close over tensors that require grad"):
-        bilevel.hypergrad(pb, w0, {"lam": lam}, (X, y), (X, y), strategy="implicit")
     batched = (X[None].repeat(2, 1, 1), y[None].repeat(2, 1))
     with pytest.raises(ValueError, match="closes over a tensor"):
         bilevel.hypergrad(pb, w0, {"lam": lam}, batched, batched, strategy="vmap", batched=True)
@@ -149,6 +147,39 @@ def test_bilevel_foreign_tensors_per_strategy() -> None:
         pb, w0, {"lam": lam}, batched, batched, batched=True, vmap_ok=True
     )  # auto picks vmap, finds the closure, falls back to the unrolled loop
     assert auto.strategy == "unroll" and abs(float(auto.foreign[0][1]) - float(want)) < 1e-12
+
+
+def test_implicit_strategy_differentiates_closed_over_tensors() -> None:
+    """A tensor closed over by the inner objective only (and one by both) gets the implicit
+    gradient: against autograd through the ridge solution in closed form (float64)."""
+    g_ = torch.Generator().manual_seed(1)
+    X, y = torch.randn(12, 3, generator=g_, dtype=D), torch.randn(12, generator=g_, dtype=D)
+    Xv, yv = torch.randn(7, 3, generator=g_, dtype=D), torch.randn(7, generator=g_, dtype=D)
+    tau = torch.tensor(0.3, dtype=D, requires_grad=True)  # inner and outer
+    rho = torch.tensor(1.5, dtype=D, requires_grad=True)  # inner only
+
+    def f(w: dict[str, Tensor], h: dict[str, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
+        r = b[0] @ w["w"] - b[1]
+        return 0.5 * rho * (r**2).sum() + 0.5 * h["lam"] * (w["w"] ** 2).sum() + tau * w["w"].sum()
+
+    def g(w: dict[str, Tensor], h: dict[str, Tensor], b: tuple[Tensor, Tensor]) -> Tensor:
+        return 0.5 * ((b[0] @ w["w"] - b[1]) ** 2).sum() + tau**2 * w["w"].sum()
+
+    pb = bilevel.Problem(f, g, optim.SGD(lr=0.01), steps=4000)
+    lam = torch.tensor(0.7, dtype=D, requires_grad=True)
+    res = bilevel.hypergrad(
+        pb, {"w": torch.zeros(3, dtype=D)}, {"lam": lam}, (X, y), (Xv, yv), strategy="implicit"
+    )
+    # independent: w* = (rho X^T X + lam I)^{-1} (rho X^T y - tau 1), differentiated by autograd
+    A = rho * X.T @ X + lam * torch.eye(3, dtype=D)
+    w = torch.linalg.solve(A, rho * X.T @ y - tau * torch.ones(3, dtype=D))
+    G = 0.5 * ((Xv @ w - yv) ** 2).sum() + tau**2 * w.sum()
+    want = torch.autograd.grad(G, [lam, tau, rho])
+    got = {id(t): gr for t, gr in res.foreign}
+    assert set(got) == {id(tau), id(rho)}
+    have = torch.stack([res.grads.h["lam"], got[id(tau)], got[id(rho)]])
+    ref = torch.stack(list(want))
+    assert float((have - ref).norm() / ref.norm()) < 1e-8
 
 
 def _lin() -> tuple[bilevel.Problem, dict[str, Tensor], tuple[Tensor, Tensor]]:
@@ -304,3 +335,40 @@ def test_non_leaf_hyperparameter_gets_its_gradient_through_attach_only(strategy:
     res.attach(bilevel.MetaParams(w0, {"lam": lam}, {})).backward()
     assert log_lam.grad is not None
     assert float((log_lam.grad - expected).abs() / expected.abs()) < 1e-10
+
+
+def test_reptile_refuses_a_closed_over_loss_tensor_with_the_fix() -> None:
+    """Reptile's direction is not a gradient: a learnable loss weight would keep .grad None."""
+    wd = torch.tensor(0.01, dtype=D, requires_grad=True)
+
+    def loss_fn(pred: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(pred, y) + wd * (pred**2).mean()
+
+    learner = mg.Reptile(_model(), loss_fn, inner_lr=0.1, inner_steps=2)
+    with pytest.raises(ValueError, match=r"metagrad.Reptile: loss_fn closes over tensors.*Fix"):
+        learner.meta_loss(*_tasks())
+    with torch.no_grad():  # evaluation needs no gradient: allowed
+        learner.meta_loss(*_tasks())
+    plain = mg.Reptile(_model(), F.mse_loss, inner_lr=0.1, inner_steps=2)
+    plain.meta_loss(*_tasks()).backward()  # no closure: the check passes
+    assert all(p.grad is not None for p in plain.parameters())
+
+
+@pytest.mark.parametrize("cls", [mg.Reptile, mg.IMAML])
+def test_learned_optimizer_hyperparameter_is_refused_where_no_gradient_flows(cls: type) -> None:
+    wd = torch.tensor(0.05, dtype=D, requires_grad=True)
+    with pytest.raises(ValueError, match=r"hyperparameters \['weight_decay'\] require grad.*Fix"):
+        cls(
+            _model(),
+            F.mse_loss,
+            inner_lr=0.1,
+            inner_steps=2,
+            inner_optimizer=optim.SGD(weight_decay=wd),
+        )
+    cls(
+        _model(),
+        F.mse_loss,
+        inner_lr=0.1,
+        inner_steps=2,
+        inner_optimizer=optim.SGD(weight_decay=0.05),
+    )

@@ -120,6 +120,41 @@ def test_ridge_example_weights_matches_closed_form() -> None:
     torch.testing.assert_close(got["lam"], exact["lam"], rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("lam_learned", [True, False])
+def test_closed_over_tensor_in_F_gets_its_gradient(lam_learned: bool) -> None:
+    """Example weights read from the enclosing scope (not passed in h) are a hyperparameter of
+    the root too: their gradient equals the closed form of the same weights passed in h."""
+    prob = Ridge()
+    c = (0.5 + torch.rand(prob.n, dtype=DT)).requires_grad_(True)
+    h = hyper(torch.tensor(0.3, dtype=DT))
+    if not lam_learned:
+        h["lam"].requires_grad_(False)
+
+    def F(w: Params, hh: Params) -> Params:
+        return prob.F(w, {**hh, "c": c})
+
+    def solve(w_init: Params, hh: Params) -> Params:
+        return prob.exact(w_init, {**hh, "c": c.detach()})
+
+    loss = prob.outer(custom_root(F)(solve)(prob.w0(), h))
+    loss.backward()
+    exact = prob.closed_form({**h, "c": c})
+    torch.testing.assert_close(c.grad, exact["c"], rtol=1e-8, atol=1e-10)
+    if lam_learned:
+        torch.testing.assert_close(h["lam"].grad, exact["lam"], rtol=1e-8, atol=1e-10)
+    else:
+        assert h["lam"].grad is None
+    # finite differences in one random direction of c (an independent check of the closed form)
+    v = torch.randn(prob.n, dtype=DT, generator=torch.Generator().manual_seed(3))
+    eps = 1e-6
+
+    def G(cc: Tensor) -> float:
+        return float(prob.outer(prob.exact({}, {"lam": h["lam"].detach(), "c": cc})))
+
+    fd = (G(c.detach() + eps * v) - G(c.detach() - eps * v)) / (2 * eps)
+    assert abs(float(c.grad @ v) - fd) < 1e-6 * max(1.0, abs(fd))
+
+
 def test_backward_and_autograd_grad_agree_and_other_paths_add_up() -> None:
     prob = Ridge()
     solver = custom_root(prob.F)(prob.exact)

@@ -33,8 +33,9 @@ from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.algorithms._base import ImplicitLearner, check_steps
 from metagrad.algorithms._imaml_vmap import implicit_gradients, solve_proximal
-from metagrad.algorithms._task import MetaResult, make_inner_optimizer
+from metagrad.algorithms._task import MetaResult, make_inner_optimizer, refuse_learned_hyperparams
 from metagrad.bilevel import cg, custom_root
+from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.functional._attention import higher_order_attention
 from metagrad.functional._checks import check_task
 
@@ -123,6 +124,11 @@ class IMAML(ImplicitLearner):
             raise ValueError(f"{fn}: cg_damping={cg_damping!r} must be a finite number >= 0.")
         self.lam, self.cg_steps, self.cg_damping = float(lam), cg_steps, float(cg_damping)
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, fn)
+        refuse_learned_hyperparams(
+            self.inner_optimizer,
+            self.fn_name,
+            "iMAML's implicit gradient depends on the inner solution only, not on the optimizer that reached it",
+        )
         self.check_finite = bool(check_finite)
         self.last_cg: list[tuple[int, float]] = []  # (iterations, relative residual) per task
         # per task: ||F(t*, theta)|| / (1 + ||t*||), how far the inner problem is from solved
@@ -165,8 +171,10 @@ class IMAML(ImplicitLearner):
         yq: Tensor,
         task: int,
         steps: int,
-    ) -> tuple[Tensor, list[Tensor]]:
-        r"""Query loss at :math:`t^\star` and the implicit meta-gradient for one task.
+    ) -> tuple[Tensor, list[Tensor], list[tuple[Tensor, Tensor]]]:
+        r"""Query loss at :math:`t^\star`, the implicit meta-gradient for one task and the
+        gradients of tensors that the loss closes over (pairs; custom_root differentiates those
+        in the support loss like one more hyperparameter).
 
         The proximal problem's stationarity :math:`F(t, \theta) = \nabla L^s(t) + \lambda(t -
         \theta) = 0` goes to :func:`metagrad.bilevel.custom_root`, whose backward solves
@@ -206,7 +214,11 @@ class IMAML(ImplicitLearner):
             warnings.filterwarnings("ignore", "metagrad.bilevel.custom_root", RuntimeWarning)
             t_star = root(anchor, anchor)
             q = self.loss_fn(self.fmodel.forward(t_star, buffers, xq), yq)
-            grads = torch.autograd.grad(q, [anchor[n] for n in names])
+            wrt = [anchor[n] for n in names]
+            stray = foreign_leaves([q], wrt)
+            got = torch.autograd.grad(q, [*wrt, *stray], allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, got)]
+        foreign = [(t, g.detach()) for t, g in zip(stray, got[len(wrt) :]) if g is not None]
         info = root.last_result
         assert info is not None  # set by the call above
         self.last_cg.append((int(info.solve_iterations or 0), float(info.solve_residual or 0.0)))
@@ -215,21 +227,21 @@ class IMAML(ImplicitLearner):
             check_finite(self.fn_name, q, "query loss", task, None)
             for n, g in zip(names, grads):
                 check_finite(self.fn_name, g, f"implicit meta-gradient of {n!r}", task, None)
-        return q.detach(), [g.detach() for g in grads]
+        return q.detach(), [g.detach() for g in grads], foreign
 
     def meta_result(
         self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
     ) -> MetaResult:
         """Mean query loss at the inner solutions and the implicit meta-gradient."""
-        loss, grads, per_task = self._meta(xs, ys, xq, yq, need_grad=need_grad)
+        loss, grads, per_task, foreign = self._meta(xs, ys, xq, yq, need_grad=need_grad)
         keyed: dict[str, Tensor | None] = {f"module.{k}": g for k, g in grads.items()}
-        return MetaResult(loss, keyed if need_grad else {}, per_task, [])
+        return MetaResult(loss, keyed if need_grad else {}, per_task, foreign if need_grad else [])
 
     def _meta(
         self, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *, need_grad: bool = True
-    ) -> tuple[Tensor, Params, Tensor]:
-        """Mean query loss at the inner solutions, the implicit gradient (if ``need_grad``) and
-        the per-task losses."""
+    ) -> tuple[Tensor, Params, Tensor, list[tuple[Tensor, Tensor]]]:
+        """Mean query loss at the inner solutions, the implicit gradient (if ``need_grad``),
+        the per-task losses and the closed-over tensors with their gradients."""
         xs, ys, xq, yq = self._tasks("meta_loss", xs, ys, xq, yq)
         steps = self.inner_steps if self.training else self.eval_steps
         theta = self.fmodel.params()
@@ -241,21 +253,25 @@ class IMAML(ImplicitLearner):
         if T > 1:
             batched = self._vmapped(theta, buffers, (xs, ys, xq, yq), steps, need_grad)
             if batched is not None:
-                per_task, grads = batched
-                return per_task.mean(), grads, per_task
+                per_task, grads, foreign = batched
+                return per_task.mean(), grads, per_task, foreign
         total = {k: torch.zeros_like(v) for k, v in theta.items()}
+        stray: dict[int, tuple[Tensor, Tensor]] = {}  # by id: the same tensor in every task
         losses = []
         for i in range(T):
             if not need_grad:  # validation: the inner solution's query loss only
                 t = self.solve_inner(theta, buffers, xs[i], ys[i], steps, i)
                 losses.append(self.loss_fn(self.fmodel.forward(t, buffers, xq[i]), yq[i]))
                 continue
-            q, gs = self.task_gradient(theta, buffers, xs[i], ys[i], xq[i], yq[i], i, steps)
+            q, gs, pairs = self.task_gradient(theta, buffers, xs[i], ys[i], xq[i], yq[i], i, steps)
             losses.append(q)
             for k, g in zip(theta, gs):
                 total[k] += g / T
+            for leaf, g in pairs:
+                prev = stray.get(id(leaf))
+                stray[id(leaf)] = (leaf, g / T if prev is None else prev[1] + g / T)
         per_task = torch.stack(losses)
-        return per_task.mean(), total, per_task
+        return per_task.mean(), total, per_task, list(stray.values())
 
     def _vmapped(
         self,
@@ -264,8 +280,9 @@ class IMAML(ImplicitLearner):
         tasks: tuple[Tensor, Tensor, Tensor, Tensor],
         steps: int,
         need_grad: bool,
-    ) -> tuple[Tensor, Params] | None:
-        """Per-task query losses and the mean implicit gradient of all tasks at once, or None.
+    ) -> tuple[Tensor, Params, list[tuple[Tensor, Tensor]]] | None:
+        """Per-task query losses, the mean implicit gradient of all tasks at once and the
+        closed-over tensors' gradients, or None.
 
         Where the default MAML strategy would vmap (vmap-safe models, not channels-last conv nets
         on CPU), the inner solves run batched over tasks and the implicit solves as one batched CG
@@ -306,12 +323,12 @@ class IMAML(ImplicitLearner):
         if self.check_finite and not all(bool(v.isfinite().all()) for v in values):
             return None  # the loop names the task and step
         if res is None:
-            return per_task.detach(), {}
+            return per_task.detach(), {}, []
         self.last_cg = [
             (int(i), float(r)) for i, r in zip(res.cg.iterations.tolist(), res.cg.residual.tolist())
         ]
         self.last_residual = [float(r) for r in res.residual.tolist()]
-        return res.query, {k: g.mean(0) for k, g in res.grads.items()}
+        return res.query, {k: g.mean(0) for k, g in res.grads.items()}, res.foreign
 
     def adapt(
         self, x: Tensor, y: Tensor, steps: int | None = None, *, differentiable: bool = False

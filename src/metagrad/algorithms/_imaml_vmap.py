@@ -22,6 +22,7 @@ from torch import Tensor
 from metagrad import optim
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.bilevel._adjoint_vmap import batched_update
+from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.functional._attention import higher_order_attention
 
 Forward = Callable[[Params, Buffers, Tensor], Tensor]
@@ -135,12 +136,15 @@ class BatchedImplicit:
         grads: per-task implicit meta-gradients :math:`\\lambda u_i`, leaves ``[T, *shape]``.
         cg: the batched CG (iterations and residuals per task).
         residual: per-task optimality residuals :math:`\\|F_i\\| / (1 + \\|t^\\star_i\\|)`, ``[T]``.
+        foreign: tensors requiring grad that the loss closes over, with the gradient of the
+            *mean* query loss (not per task).
     """
 
     query: Tensor
     grads: Params
     cg: BatchedCG
     residual: Tensor
+    foreign: list[tuple[Tensor, Tensor]]
 
 
 def implicit_gradients(
@@ -158,6 +162,10 @@ def implicit_gradients(
     fn_name: str,
 ) -> BatchedImplicit:
     r"""Per-task query losses and :math:`\lambda (H_i + \lambda(1 + d) I)^{-1}\nabla L^q_i`.
+
+    A tensor :math:`\phi` that the loss closes over gets the gradient of the mean query loss,
+    :math:`\frac1T\sum_i \partial_\phi L^q_i - (\partial_\phi \nabla L^s_i)^\top u_i`
+    (the implicit function theorem with :math:`\phi` as one more hyperparameter).
 
     Raises:
         ValueError: a parameter does not reach the support loss (as the per-task path does).
@@ -178,7 +186,11 @@ def implicit_gradients(
         gs = torch.autograd.grad(support.sum(), leaves, create_graph=True, allow_unused=True)
         unused = [n for n, g in zip(names, gs) if g is None]
         q = losses(xq, yq)
-        gq = torch.autograd.grad(q.sum(), leaves, allow_unused=True)
+        stray = foreign_leaves([support, q], leaves)
+        gq_all = torch.autograd.grad(
+            q.sum(), [*leaves, *stray], allow_unused=True, retain_graph=bool(stray)
+        )
+        gq, direct = gq_all[: len(leaves)], gq_all[len(leaves) :]
     if unused:
         raise ValueError(
             f"{fn_name}: parameters {unused} do not reach the support loss; iMAML needs every "
@@ -198,4 +210,15 @@ def implicit_gradients(
     f_norm = _dot(F, F).sqrt()
     t_norm = _dot(t_star, t_star).sqrt()
     grads = {n: lam * u for n, u in sol.x.items()}
-    return BatchedImplicit(q.detach(), grads, sol, f_norm / (1.0 + t_norm))
+    foreign: list[tuple[Tensor, Tensor]] = []
+    if stray:
+        used = [(g, sol.x[n]) for n, g in zip(names, gs) if g is not None]
+        with torch.enable_grad():
+            through = torch.autograd.grad(
+                [g for g, _ in used], stray, [u for _, u in used], allow_unused=True
+            )
+        T = q.shape[0]
+        for t, d, th in zip(stray, direct, through):
+            total = (torch.zeros_like(t) if d is None else d) - (0 if th is None else th)
+            foreign.append((t, total.detach() / T))
+    return BatchedImplicit(q.detach(), grads, sol, f_norm / (1.0 + t_norm), foreign)

@@ -25,10 +25,12 @@ from metagrad.algorithms._task import (
     InnerSpec,
     MetaResult,
     make_inner_optimizer,
+    refuse_learned_hyperparams,
     run_task,
     split,
     task_problem,
 )
+from metagrad.bilevel._foreign import describe, foreign_leaves
 from metagrad.bilevel._inner import FuncBackend, run
 from metagrad.bilevel._problem import MetaParams
 from metagrad.bilevel._vmap import check_reaches_inner
@@ -69,7 +71,13 @@ class Reptile(UnrolledLearner):
         super().__init__(model, loss_fn, bn, memory_format)
         self._init_inner_loop(inner_lr, inner_steps, eval_steps)
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, self.fn_name)
+        refuse_learned_hyperparams(
+            self.inner_optimizer,
+            self.fn_name,
+            "Reptile's update theta - phi is not the gradient of a loss",
+        )
         self.allow_unused, self.check_finite = bool(allow_unused), bool(check_finite)
+        self._closures_checked = False
 
     def default_eval_steps(self) -> int:
         return self.eval_steps
@@ -91,6 +99,8 @@ class Reptile(UnrolledLearner):
         T = xs.shape[0]
         self.fmodel.sync_modes()
         buffers = self.fmodel.buffers()
+        if need_grad and not self._closures_checked:
+            self._refuse_closures(theta, buffers, (xs[0], ys[0], xq[0], yq[0]))
         vmapped = self._vmapped(spec, theta, buffers, (xs, ys, xq, yq)) if T > 1 else None
         if vmapped is not None:
             per_task, phis = vmapped
@@ -116,6 +126,31 @@ class Reptile(UnrolledLearner):
         per_task = torch.stack(losses)
         grads: dict[str, Tensor | None] = {f"module.{k}": g for k, g in direction.items()}
         return MetaResult(per_task.mean(), grads if need_grad else {}, per_task, [])
+
+    def _refuse_closures(
+        self, theta: Params, buffers: dict[str, Tensor], task: tuple[Tensor, ...]
+    ) -> None:
+        r"""Raise if ``loss_fn`` closes over tensors that require grad (structural: once).
+
+        Reptile's direction :math:`\theta - \phi` is not the gradient of a loss, so such a
+        tensor (a learnable loss weight) would silently keep ``.grad`` None.
+        """
+        th = {k: v.detach().requires_grad_() for k, v in theta.items()}
+        xs, ys, xq, yq = task
+        with torch.enable_grad():
+            losses = [
+                self.loss_fn(self.fmodel.forward(th, buffers, x), y)
+                for x, y in ((xs, ys), (xq, yq))
+            ]
+            stray = foreign_leaves([v for v in losses if v.requires_grad], list(th.values()))
+        if stray:
+            raise ValueError(
+                f"{self.fn_name}: loss_fn closes over tensors that require grad ({describe(stray)}); "
+                f"Reptile's update theta - phi is not the gradient of a loss, so they would get "
+                f"no gradient. Fix: detach them (or set requires_grad=False), or learn them with "
+                f"metagrad.MAML (order=1 for FOMAML), which differentiates the query loss."
+            )
+        self._closures_checked = True
 
     def _vmapped(
         self, spec: InnerSpec, theta: Params, buffers: dict[str, Tensor], tasks: tuple[Tensor, ...]

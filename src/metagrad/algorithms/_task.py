@@ -443,6 +443,22 @@ def make_inner_optimizer(spec: object, fn_name: str) -> optim.Optimizer:
     )
 
 
+def refuse_learned_hyperparams(opt: optim.Optimizer, fn_name: str, why: str) -> None:
+    """Raise if the inner optimizer holds tensor hyperparameters that require grad.
+
+    For learners whose meta-gradient does not run through the optimizer's updates (``why``),
+    such a tensor (a learnable weight decay) would silently keep ``.grad`` None.
+    """
+    hyper = opt.hyperparams() if hasattr(opt, "hyperparams") else {}
+    learned = sorted(k for k, v in hyper.items() if isinstance(v, Tensor) and v.requires_grad)
+    if learned:
+        raise ValueError(
+            f"{fn_name}: the inner optimizer's hyperparameters {learned} require grad, but {why}, "
+            f"so they would get no gradient. Fix: pass plain numbers (or detached tensors), or "
+            f"learn them with metagrad.MAML, which differentiates through the inner updates."
+        )
+
+
 @dataclass(frozen=True)
 class _Legacy:
     """An optimizer written against the old ``update(grads, state, params, lrs, step)``."""

@@ -40,6 +40,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from metagrad._tree import tree_vdot
 from metagrad._typing import Params
+from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._linsolve import MatVec, SolveResult, cg, neumann, normal_cg
 
 __all__ = ["ImplicitSolver", "RootInfo", "custom_root", "fixed_point"]
@@ -223,13 +224,16 @@ class _Graph:
     F: list[Tensor]
     h_keys: list[str]
     h: list[Tensor]  # detached copies of h, requiring grad where the originals do
+    foreign: list[Tensor]  # leaves requiring grad that F closes over (not in w or h)
 
 
 class _ImplicitBackward(torch.autograd.Function):
     """Identity on the solution in the forward; the implicit-function-theorem VJP backward."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, graph: _Graph, w_star: list[Tensor], *h: Tensor) -> Any:
+    def forward(
+        ctx: FunctionCtx, graph: _Graph, w_star: list[Tensor], *h_and_foreign: Tensor
+    ) -> Any:
         ctx.graph = graph  # type: ignore[attr-defined]
         return tuple(w_star)
 
@@ -247,7 +251,10 @@ class ImplicitSolver:
     Call it as the undecorated solver, ``solver(w_init, h, *args) -> w_star``. The returned
     tensors carry a graph to the tensors of ``h`` that require grad, so ``loss.backward()`` and
     ``torch.autograd.grad`` give the implicit hypergradient, added to any other path from the
-    loss to ``h``.
+    loss to ``h``. Tensors that require grad and that ``F`` closes over (a learnable loss weight
+    read from the enclosing scope) are hyperparameters too: the graph reaches them with
+    :math:`-(\\partial F/\\partial \\phi)^\top u`, so they are never silently left without a
+    gradient.
 
     Attributes:
         last_result: :class:`RootInfo` of the latest call, replaced (with the linear solve's
@@ -301,10 +308,19 @@ class ImplicitSolver:
                     f"be floating point to be differentiated."
                 )
         w_leaves = {k: v.detach().requires_grad_(True) for k, v in w_star.items()}
-        needs = grad_on and any(v.requires_grad for v in h.values())
-        h_leaves = {k: v.detach().requires_grad_(needs and v.requires_grad) for k, v in h.items()}
+        h_leaves = {k: v.detach().requires_grad_(grad_on and v.requires_grad) for k, v in h.items()}
         with torch.enable_grad():  # F may call torch.autograd.grad (F = grad of a loss)
             F = self._optimality(w_leaves, h_leaves, *args)
+        # Closed-over tensors reach F's graph as leaves that are neither w nor h: they are
+        # differentiated like h (dF/dphi^T u) instead of silently getting no gradient.
+        foreign = (
+            foreign_leaves(
+                [f for f in F.values() if f.requires_grad], [*w_leaves.values(), *h_leaves.values()]
+            )
+            if grad_on
+            else []
+        )
+        needs = grad_on and (any(v.requires_grad for v in h.values()) or bool(foreign))
         residual = _norm({k: v.detach() for k, v in F.items()}) / (
             1.0 + _norm({k: v.detach() for k, v in w_star.items()})
         )
@@ -335,8 +351,9 @@ class ImplicitSolver:
             F=list(F.values()),
             h_keys=list(h),
             h=list(h_leaves.values()),
+            foreign=foreign,
         )
-        out = _ImplicitBackward.apply(graph, detached, *h.values())
+        out = _ImplicitBackward.apply(graph, detached, *h.values(), *foreign)
         return dict(zip(w_star, out))
 
     def _optimality(self, w: Params, h: Params, *args: Any) -> Params:
@@ -393,9 +410,13 @@ class ImplicitSolver:
                 solve_converged=result.converged if solved else None,
             )
         with torch.enable_grad():
-            # dL/dh = -(dF/dh)^T u, only for the h leaves that require grad.
+            # dL/dh = -(dF/dh)^T u, only for the h leaves that require grad (and the
+            # closed-over leaves, which require grad by construction).
             wanted = [i for i, t in enumerate(graph.h) if t.requires_grad]
-            vjps = _vjp_or_none(graph.F, [graph.h[i] for i in wanted], [u[k] for k in keys])
+            vjps_all = _vjp_or_none(
+                graph.F, [*(graph.h[i] for i in wanted), *graph.foreign], [u[k] for k in keys]
+            )
+        vjps, vjps_foreign = vjps_all[: len(wanted)], vjps_all[len(wanted) :]
         unused = [graph.h_keys[i] for i, g in zip(wanted, vjps) if g is None]
         if unused and not opts.allow_unused:
             raise ValueError(
@@ -407,7 +428,7 @@ class ImplicitSolver:
         out: list[Tensor | None] = [None] * len(graph.h)
         for i, g in zip(wanted, vjps):
             out[i] = torch.zeros_like(graph.h[i]) if g is None else -g
-        return out
+        return out + [None if g is None else -g for g in vjps_foreign]
 
     def _solve_label(self) -> str:
         s = self.options.solve
@@ -492,9 +513,11 @@ def custom_root(
         \frac{dL}{dh} = -\Big(\frac{\partial F}{\partial h}\Big)^{\!\top} u .
 
     The solver runs on a detached ``h`` and its own graph (if any) is discarded, so it may be
-    anything: a closed form, many gradient steps, L-BFGS. Only the tensors of ``h`` receive
-    gradients: ``w_init`` gets none (a unique root does not depend on the starting point), and a
-    tensor in ``args`` that requires grad raises a ``ValueError`` (put it in ``h`` instead).
+    anything: a closed form, many gradient steps, L-BFGS. The tensors of ``h`` receive
+    gradients, and so does any tensor requiring grad that ``F`` closes over (it is a
+    hyperparameter of the root too: :math:`-(\partial F/\partial \phi)^\top u`); ``w_init``
+    gets none (a unique root does not depend on the starting point), and a tensor in ``args``
+    that requires grad raises a ``ValueError`` (put it in ``h`` instead).
     The returned tensors are differentiable once (no gradients of hypergradients).
 
     After the solver returns, the residual :math:`\|F(w^\star, h)\| / (1 + \|w^\star\|)` (norms

@@ -27,7 +27,7 @@ from torch import Tensor
 from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Params
-from metagrad.bilevel._foreign import describe, foreign_leaves
+from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._implicit import custom_root
 from metagrad.bilevel._inner import AutogradBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
@@ -73,22 +73,27 @@ def implicit(
     n0 = flat.n_w0
     hyper_idx = [j for j in flat.wrt if j >= n0]
     totals: dict[int, Tensor | None] = {}
+    foreign: dict[int, tuple[Tensor, Tensor]] = {}  # by id: the same tensor in every problem
     losses = []
     w_last: Params | None = None
     for i in range(P):
         di = index(inner_data, i) if batched else inner_data
         do = index(outer_data, i) if batched else outer_data
         at = i if batched else None
-        obj, gs, w_star = _one(problem, flat, hyper_idx, di, do, at, options)
+        obj, gs, stray, w_star = _one(problem, flat, hyper_idx, di, do, at, options)
         losses.append(obj)
         for j, g in zip(hyper_idx, gs):
             accumulate(totals, j, None if g is None else g / P)
+        for t, g in stray:
+            prev = foreign.get(id(t))
+            foreign[id(t)] = (t, g / P if prev is None else prev[1] + g / P)
         w_last = w_star
     per = torch.stack(losses)
     return HyperGrad(
         per.mean(),
         per,
         flat.grads(totals),
+        foreign=list(foreign.values()),
         w=None if batched or w_last is None else w_last,
         strategy="implicit",
     )
@@ -102,7 +107,9 @@ def _one(
     outer_data: Any,
     at: int | None,
     options: ImplicitOptions,
-) -> tuple[Tensor, list[Tensor | None], Params]:
+) -> tuple[Tensor, list[Tensor | None], list[tuple[Tensor, Tensor]], Params]:
+    """One problem: outer value, hypergradients (``hyper_idx`` order), the closed-over
+    tensors with their gradients, and the solution."""
     leaves = [fresh_leaf(x) for x in flat.leaves]
     keys = [str(j) for j in hyper_idx]
 
@@ -153,16 +160,15 @@ def _one(
         if problem.check_finite:
             check_finite(problem.name, q, problem.outer_name, at, None, problem.unit)
         inputs = [hd[k] for k in keys]
+        # Closed-over tensors: in the outer objective directly, or in the inner one (custom_root
+        # makes them inputs of the solution's node): both differentiated like h.
         stray = foreign_leaves([q], [*leaves, *inputs]) if q.requires_grad else []
-        if stray:
-            raise ValueError(
-                f"{problem.name}: the objectives close over tensors that require grad "
-                f"({describe(stray)}); strategy='implicit' differentiates only declared "
-                f"hyperparameters. Pass them in h, or use strategy='unroll'."
-            )
+        wrt = [*inputs, *stray]
         gs = (
-            torch.autograd.grad(q, inputs, allow_unused=True)
-            if inputs and q.requires_grad
-            else [None] * len(inputs)
+            torch.autograd.grad(q, wrt, allow_unused=True)
+            if wrt and q.requires_grad
+            else [None] * len(wrt)
         )
-    return q.detach(), list(gs), tree_detach(w_star)
+    n = len(inputs)
+    pairs = [(t, g) for t, g in zip(stray, gs[n:]) if g is not None]
+    return q.detach(), list(gs[:n]), pairs, tree_detach(w_star)
