@@ -33,10 +33,12 @@ OMP_NUM_THREADS=1 metagrad eval results/algorithms/omniglot-5w1s-reptile \
   --output results/algorithms/omniglot-5w1s-reptile-eval10
 # MAML 5-way 5-shot, the same recipe (1 thread, next to another 1-thread job):
 OMP_NUM_THREADS=1 train omniglot-5w5s-maml omniglot --shots 5 $OMNI --iterations 1500
-# Not run to the end (README says why): iMAML with the paper's Omniglot inner loop, stopped
-# after 140 iterations at 1.9-2.0 s each (2 threads; conv nets run iMAML's per-task loop):
-#   OMP_NUM_THREADS=2 train omniglot-5w1s-imaml omniglot --algorithm imaml $OMNI \
-#     --iterations 1500 --inner-steps 16 --inner-lr 0.1 --imaml-lam 2.0 --cg-steps 5
+# iMAML: 16 proximal SGD steps at 0.1, 5 CG steps, CG damping 1 (the reference code's default;
+# without it lambda 2 diverged: pilots/5w1s-imaml-l2-d0-stopped.json), lambda 0.5 chosen on
+# validation over 1 and 2 after 150-300 iterations (pilots/5w1s-imaml-l*-d1); 16 steps at test.
+# 1 thread each, next to the 20-way iMAML run below (conv nets run iMAML's per-task loop).
+OMP_NUM_THREADS=1 train omniglot-5w1s-imaml omniglot --algorithm imaml $OMNI --iterations 1500 \
+  --inner-steps 16 --inner-lr 0.1 --imaml-lam 0.5 --cg-damping 1.0 --cg-steps 5 --test-steps 0,1,3,16
 
 # Omniglot 20-way 1-shot: the 5-way protocol with 20 classes, 1 training query per class,
 # 500 iterations, 0/1/5 test steps (MAML's row also 3). 1 thread each, two jobs side by side
@@ -51,6 +53,12 @@ done
 OMP_NUM_THREADS=1 train omniglot-20w1s-reptile omniglot --algorithm reptile $O20 \
   --inner-steps 5 --inner-lr 0.4
 OMP_NUM_THREADS=1 train omniglot-20w5s-maml omniglot --shots 5 $O20 --iterations 300
+# iMAML 20-way: the 5-way iMAML settings (not re-tuned for 20 classes), 0/1/5/16 test steps.
+OMP_NUM_THREADS=1 train omniglot-20w1s-imaml omniglot --algorithm imaml $O20 \
+  --inner-steps 16 --inner-lr 0.1 --imaml-lam 0.5 --cg-damping 1.0 --cg-steps 5 --test-steps 0,1,5,16
+# and with lambda 1 (the reference code's default; 2 threads, alone): the row validation picks
+OMP_NUM_THREADS=2 train omniglot-20w1s-imaml-l1 omniglot --algorithm imaml $O20 \
+  --inner-steps 16 --inner-lr 0.1 --imaml-lam 1.0 --cg-damping 1.0 --cg-steps 5 --test-steps 0,1,5,16
 
 # Data scaling: MAML 5-way 1-shot at 1,000 iterations on nested 50% / 75% subsets of the
 # training characters (100%: results/omniglot-5w1s-time-to-accuracy/it-1000).
