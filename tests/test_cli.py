@@ -205,3 +205,19 @@ def test_check_offers_every_strategy_and_shows_the_factory_form(
 
 def test_quiet_and_verbose_are_exclusive(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not allowed with" in _usage_error(capsys, ["--quiet", "--verbose", "explain"])
+
+
+def test_end_of_run_table_names_the_algorithms_own_paper() -> None:
+    """The table's paper column is MAML's; a non-MAML run also prints its own paper's number."""
+    from metagrad.training._cli import _own_paper
+    from metagrad.training._config import preset
+
+    omni = preset("omniglot")
+    assert _own_paper(omni.replace(algorithm="imaml"), 1) == (
+        "99.16% +- 0.35% (Rajeswaran et al. 2019, iMAML-GD)"
+    )
+    assert (
+        _own_paper(omni.replace(algorithm="mamlpp", n_way=20), 1) == "97.65% (Antoniou et al. 2019)"
+    )
+    assert _own_paper(omni, 1) is None  # MAML: the table already shows it
+    assert _own_paper(omni.replace(algorithm="anil"), 1) is None  # no 5-way number listed

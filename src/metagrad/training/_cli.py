@@ -49,6 +49,7 @@ from metagrad.training._config import (
     validate,
 )
 from metagrad.training._evaluate import format_table
+from metagrad.training._papers import paper_number, setting_name
 from metagrad.training._report import make_plots, paper_reference, write_results
 from metagrad.training._trainer import Trainer
 
@@ -177,6 +178,22 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return validate(cfg)
 
 
+def _own_paper(cfg: Any, shots: int) -> str | None:
+    """What a non-MAML algorithm's own paper reports for this setting (the table's paper
+    column is MAML's), e.g. ``99.16% +- 0.35% (Rajeswaran et al. 2019, iMAML-GD)``; or None."""
+    if cfg.algorithm == "maml":
+        return None
+    setting = setting_name({"task": cfg.task, "n_way": cfg.n_way}, shots)
+    own = paper_number(cfg.algorithm, setting)
+    if own is None:
+        return None
+    cls = cfg.task == "omniglot"
+    value = f"{100 * own.value:.2f}%" if cls else f"{own.value:.3f}"
+    if own.ci95 is not None:
+        value += f" +- {100 * own.ci95:.2f}%" if cls else f" +- {own.ci95:.3f}"
+    return f"{value} ({own.source})"
+
+
 def _finish(
     trainer: Trainer, out: Path | None, cmd: str, train_time: float | None, plots: bool = True
 ) -> Any:
@@ -193,6 +210,9 @@ def _finish(
     print(format_table(result, paper))
     if paper is not None:
         print("(paper: MAML, Finn et al. 2017)")
+    own = _own_paper(cfg, result.shots)
+    if own is not None:
+        print(f"({cfg.algorithm}'s own paper: {own})")
     if out is None:
         return result
     try:
