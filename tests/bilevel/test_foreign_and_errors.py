@@ -372,3 +372,24 @@ def test_learned_optimizer_hyperparameter_is_refused_where_no_gradient_flows(cls
         inner_steps=2,
         inner_optimizer=optim.SGD(weight_decay=0.05),
     )
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_imaml_refuses_an_optimizer_update_that_closes_over_a_tensor(loop: bool) -> None:
+    """Not listed in hyperparams(), found in the first update's output instead."""
+    scale = torch.tensor(1.0, dtype=D, requires_grad=True)
+
+    class Scaled(optim.SGD):
+        def update(self, grads, state, params, step, lrs=None):  # type: ignore[no-untyped-def]
+            new, st = super().update(grads, state, params, step, lrs)
+            return {k: v * scale for k, v in new.items()}, st
+
+    learner = mg.IMAML(_model(), F.mse_loss, inner_lr=0.1, inner_steps=2, inner_optimizer=Scaled())
+    if loop:
+        learner._vmap_ok = False
+    with pytest.raises(
+        ValueError, match=r"metagrad.IMAML: the inner optimizer's update depends.*Fix"
+    ):
+        learner.meta_loss(*_tasks())
+    with torch.no_grad():  # evaluation: nothing to differentiate, allowed
+        learner.meta_loss(*_tasks())

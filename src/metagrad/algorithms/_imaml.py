@@ -32,7 +32,11 @@ from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.algorithms._base import ImplicitLearner, check_steps
-from metagrad.algorithms._imaml_vmap import implicit_gradients, solve_proximal
+from metagrad.algorithms._imaml_vmap import (
+    implicit_gradients,
+    refuse_update_closure,
+    solve_proximal,
+)
 from metagrad.algorithms._task import MetaResult, make_inner_optimizer, refuse_learned_hyperparams
 from metagrad.bilevel import cg, custom_root
 from metagrad.bilevel._foreign import foreign_leaves
@@ -157,6 +161,8 @@ class IMAML(ImplicitLearner):
             t, state = self.inner_optimizer.update(
                 grads, state, {n: v.detach() for n, v in a.items()}, k, lrs
             )
+            if k == 0:
+                refuse_update_closure(self.fn_name, t)
             t = {n: v.detach() for n, v in t.items()}
             state = pytree.tree_map(lambda x: x.detach(), state)
         return t
@@ -298,7 +304,7 @@ class IMAML(ImplicitLearner):
         try:
             t_star = solve_proximal(
                 fwd, self.loss_fn, self.inner_optimizer, theta, buffers, xs, ys,
-                lam=self.lam, lr=self.inner_lr, steps=steps,
+                lam=self.lam, lr=self.inner_lr, steps=steps, fn_name=self.fn_name,
             )  # fmt: skip
             if not need_grad:
                 with torch.no_grad():

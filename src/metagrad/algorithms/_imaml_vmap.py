@@ -90,6 +90,18 @@ def batched_cg(
     return BatchedCG(x, iterations, residual)
 
 
+def refuse_update_closure(fn_name: str, t: Params) -> None:
+    """Raise if the inner optimizer's update made a graph from detached inputs: it closes
+    over a tensor that requires grad, which iMAML's implicit gradient never reaches."""
+    if any(v.requires_grad for v in t.values()):
+        raise ValueError(
+            f"{fn_name}: the inner optimizer's update depends on a tensor that requires grad (it "
+            f"closes over one), but iMAML's implicit gradient depends on the inner solution only, "
+            f"so that tensor would get no gradient. Fix: detach it, or learn it with "
+            f"metagrad.MAML, which differentiates through the inner updates."
+        )
+
+
 def solve_proximal(
     forward: Forward,
     loss_fn: LossFn,
@@ -102,6 +114,7 @@ def solve_proximal(
     lam: float,
     lr: float,
     steps: int,
+    fn_name: str = "metagrad.IMAML",
 ) -> Params:
     r"""``steps`` optimizer steps on :math:`L^s_i(t) + \frac\lambda2\|t - \theta\|^2` from
     :math:`t = \theta` for every task at once (detached; leaves ``[T, *shape]``)."""
@@ -124,6 +137,8 @@ def solve_proximal(
             losses = torch.func.vmap(objective, randomness="different")(a, xs, ys)
             gs = torch.autograd.grad(losses.sum(), list(a.values()))
         t, state = batched_update(opt, dict(zip(a, gs)), state, t, k, lrs)
+        if k == 0:
+            refuse_update_closure(fn_name, t)
     return {n: v.detach() for n, v in t.items()}
 
 
