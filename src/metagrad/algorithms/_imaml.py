@@ -39,7 +39,7 @@ from metagrad.algorithms._imaml_vmap import (
 )
 from metagrad.algorithms._task import MetaResult, make_inner_optimizer, refuse_learned_hyperparams
 from metagrad.bilevel import cg, custom_root
-from metagrad.bilevel._foreign import foreign_leaves
+from metagrad.bilevel._foreign import add_pairs, foreign_leaves
 from metagrad.functional._attention import higher_order_attention
 from metagrad.functional._checks import check_task
 
@@ -222,9 +222,9 @@ class IMAML(ImplicitLearner):
             q = self.loss_fn(self.fmodel.forward(t_star, buffers, xq), yq)
             wrt = [anchor[n] for n in names]
             stray = foreign_leaves([q], wrt)
-            got = torch.autograd.grad(q, [*wrt, *stray], allow_unused=True)
-        grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, got)]
-        foreign = [(t, g.detach()) for t, g in zip(stray, got[len(wrt) :]) if g is not None]
+            got = torch.autograd.grad(q, [*wrt, *stray])  # q reaches every one of them
+        grads = list(got[: len(wrt)])
+        foreign = [(t, g.detach()) for t, g in zip(stray, got[len(wrt) :])]
         info = root.last_result
         assert info is not None  # set by the call above
         self.last_cg.append((int(info.solve_iterations or 0), float(info.solve_residual or 0.0)))
@@ -273,9 +273,7 @@ class IMAML(ImplicitLearner):
             losses.append(q)
             for k, g in zip(theta, gs):
                 total[k] += g / T
-            for leaf, g in pairs:
-                prev = stray.get(id(leaf))
-                stray[id(leaf)] = (leaf, g / T if prev is None else prev[1] + g / T)
+            add_pairs(stray, pairs, 1.0 / T)
         per_task = torch.stack(losses)
         return per_task.mean(), total, per_task, list(stray.values())
 

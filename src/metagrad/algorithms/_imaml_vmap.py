@@ -202,9 +202,7 @@ def implicit_gradients(
         unused = [n for n, g in zip(names, gs) if g is None]
         q = losses(xq, yq)
         stray = foreign_leaves([support, q], leaves)
-        gq_all = torch.autograd.grad(
-            q.sum(), [*leaves, *stray], allow_unused=True, retain_graph=bool(stray)
-        )
+        gq_all = torch.autograd.grad(q.sum(), [*leaves, *stray], allow_unused=True)
         gq, direct = gq_all[: len(leaves)], gq_all[len(leaves) :]
     if unused:
         raise ValueError(

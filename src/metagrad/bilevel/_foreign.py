@@ -74,6 +74,16 @@ def foreign_leaves(roots: Sequence[Tensor], known: Iterable[object]) -> list[Ten
     return [t for t in graph_leaves(roots, stop) if id(t) not in ids]
 
 
+def add_pairs(
+    acc: dict[int, tuple[Tensor, Tensor]], pairs: Iterable[tuple[Tensor, Tensor]], scale: float
+) -> None:
+    """Add ``scale * g`` of each ``(tensor, g)`` to ``acc``, keyed by the tensor's identity
+    (the same closed-over tensor in every task or problem sums into one gradient)."""
+    for t, g in pairs:
+        prev = acc.get(id(t))
+        acc[id(t)] = (t, g * scale if prev is None else prev[1] + g * scale)
+
+
 def describe(tensors: Sequence[Tensor]) -> str:
     """Short description of tensors for messages: shapes and dtypes."""
     parts = [f"tensor{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in tensors[:4]]

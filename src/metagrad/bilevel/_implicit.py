@@ -253,7 +253,7 @@ class ImplicitSolver:
     ``torch.autograd.grad`` give the implicit hypergradient, added to any other path from the
     loss to ``h``. Tensors that require grad and that ``F`` closes over (a learnable loss weight
     read from the enclosing scope) are hyperparameters too: the graph reaches them with
-    :math:`-(\\partial F/\\partial \\phi)^\top u`, so they are never silently left without a
+    :math:`-(\\partial F/\\partial \\phi)^\\top u`, so they are never silently left without a
     gradient.
 
     Attributes:

@@ -27,7 +27,7 @@ from torch import Tensor
 from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Params
-from metagrad.bilevel._foreign import foreign_leaves
+from metagrad.bilevel._foreign import add_pairs, foreign_leaves
 from metagrad.bilevel._implicit import custom_root
 from metagrad.bilevel._inner import AutogradBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
@@ -84,9 +84,7 @@ def implicit(
         losses.append(obj)
         for j, g in zip(hyper_idx, gs):
             accumulate(totals, j, None if g is None else g / P)
-        for t, g in stray:
-            prev = foreign.get(id(t))
-            foreign[id(t)] = (t, g / P if prev is None else prev[1] + g / P)
+        add_pairs(foreign, stray, 1.0 / P)
         w_last = w_star
     per = torch.stack(losses)
     return HyperGrad(

@@ -185,13 +185,7 @@ def _own_paper(cfg: Any, shots: int) -> str | None:
         return None
     setting = setting_name({"task": cfg.task, "n_way": cfg.n_way}, shots)
     own = paper_number(cfg.algorithm, setting)
-    if own is None:
-        return None
-    cls = cfg.task == "omniglot"
-    value = f"{100 * own.value:.2f}%" if cls else f"{own.value:.3f}"
-    if own.ci95 is not None:
-        value += f" +- {100 * own.ci95:.2f}%" if cls else f" +- {own.ci95:.3f}"
-    return f"{value} ({own.source})"
+    return None if own is None else own.text(cfg.task == "omniglot", pm="+-")
 
 
 def _finish(

@@ -90,13 +90,7 @@ def cell(metric: str, mean: float, ci95: float) -> str:
 
 
 def _paper_cell(metric: str, paper: PaperNumber | None) -> str:
-    if paper is None:
-        return ""
-    value = f"{100 * paper.value:.2f}%" if metric == "accuracy" else f"{paper.value:.3f}"
-    if paper.ci95 is not None:
-        ci = f"{100 * paper.ci95:.2f}%" if metric == "accuracy" else f"{paper.ci95:.3f}"
-        value = f"{value} ± {ci}"
-    return f"{value} ({paper.source})"
+    return "" if paper is None else paper.text(metric == "accuracy")
 
 
 def _minutes(seconds: float | None) -> str:

@@ -22,6 +22,14 @@ class PaperNumber:
     ci95: float | None
     source: str
 
+    def text(self, accuracy: bool, pm: str = "±") -> str:
+        """``'99.16% ± 0.35% (source)'`` (accuracy) or ``'0.670 (source)'`` (MSE)."""
+        value = f"{100 * self.value:.2f}%" if accuracy else f"{self.value:.3f}"
+        if self.ci95 is not None:
+            ci = f"{100 * self.ci95:.2f}%" if accuracy else f"{self.ci95:.3f}"
+            value = f"{value} {pm} {ci}"
+        return f"{value} ({self.source})"
+
 
 PAPER_NUMBERS: Mapping[tuple[str, str], PaperNumber] = {
     ("maml", "omniglot-5w1s"): PaperNumber(0.987, 0.004, "Finn et al. 2017, Table 1"),
