@@ -26,6 +26,7 @@ from metagrad.algorithms._task import (
     MetaResult,
     make_inner_optimizer,
     refuse_learned_hyperparams,
+    refuse_update_closure,
     run_task,
     split,
     task_problem,
@@ -130,10 +131,12 @@ class Reptile(UnrolledLearner):
     def _refuse_closures(
         self, theta: Params, buffers: dict[str, Tensor], task: tuple[Tensor, ...]
     ) -> None:
-        r"""Raise if ``loss_fn`` closes over tensors that require grad (structural: once).
+        r"""Raise if ``loss_fn`` or the inner optimizer's update closes over tensors that
+        require grad (structural: once).
 
         Reptile's direction :math:`\theta - \phi` is not the gradient of a loss, so such a
-        tensor (a learnable loss weight) would silently keep ``.grad`` None.
+        tensor (a learnable loss weight, a decay rate inside a custom update) would silently
+        keep ``.grad`` None.
         """
         th = {k: v.detach().requires_grad_() for k, v in theta.items()}
         xs, ys, xq, yq = task
@@ -150,6 +153,13 @@ class Reptile(UnrolledLearner):
                 f"no gradient. Fix: detach them (or set requires_grad=False), or learn them with "
                 f"metagrad.MAML (order=1 for FOMAML), which differentiates the query loss."
             )
+        refuse_update_closure(
+            self.inner_optimizer,
+            theta,
+            self.inner_lr,
+            self.fn_name,
+            "Reptile's update theta - phi is not the gradient of a loss",
+        )
         self._closures_checked = True
 
     def _vmapped(

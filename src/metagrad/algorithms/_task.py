@@ -459,6 +459,28 @@ def refuse_learned_hyperparams(opt: optim.Optimizer, fn_name: str, why: str) -> 
         )
 
 
+def refuse_update_closure(
+    opt: optim.Optimizer, params: Params, lr: float, fn_name: str, why: str
+) -> None:
+    """Raise if the inner optimizer's ``update`` closes over a tensor that requires grad (one
+    not listed in ``hyperparams()``): probed once with one update of detached ``params`` and
+    zero gradients at learning rate ``lr``, whose outputs then carry a graph.
+
+    For learners whose meta-gradient does not run through the updates (``why``), such a tensor
+    would silently keep ``.grad`` None.
+    """
+    w = {k: v.detach() for k, v in params.items()}
+    with torch.enable_grad():
+        zeros = {k: torch.zeros_like(v) for k, v in w.items()}
+        new, _ = opt.update(zeros, opt.init(w), w, 0, {k: lr for k in w})
+    if any(isinstance(v, Tensor) and v.requires_grad for v in new.values()):
+        raise ValueError(
+            f"{fn_name}: the inner optimizer's update depends on a tensor that requires grad (it "
+            f"closes over one), but {why}, so that tensor would get no gradient. Fix: detach it, "
+            f"or learn it with metagrad.MAML, which differentiates through the inner updates."
+        )
+
+
 @dataclass(frozen=True)
 class _Legacy:
     """An optimizer written against the old ``update(grads, state, params, lrs, step)``."""
