@@ -47,10 +47,10 @@ class Walk(NamedTuple):
     """Where a reverse step's search for closed-over tensors looks: the step's forward graph
     (``roots``, the inner losses) and, from the step's outputs, the update up to the inner
     gradients (``stops``). The double-backward nodes between them hold only tensors of the
-    forward graph, so skipping them (two thirds of the nodes) loses no leaf; a custom
-    ``autograd.Function`` whose backward closes over a tensor that requires grad is the one
-    exception, and the batched path runs only where the caller vouched for the objectives
-    (``vmap_ok``)."""
+    forward graph, so skipping them (31 of a step's 76 nodes on the sinusoid MLP) loses no
+    leaf; a custom ``autograd.Function`` whose backward closes over a tensor that requires grad
+    is the one exception, and the batched path runs only where the caller vouched for the
+    objectives (``vmap_ok``)."""
 
     roots: list[Tensor]
     stops: list[Tensor]
