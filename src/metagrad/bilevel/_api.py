@@ -225,8 +225,16 @@ def hypergrad(
 
 
 def _checkpoint_every(problem: Problem) -> int:
-    """The checkpoint strategy's stride: every ceil(sqrt K)-th iterate is kept."""
-    return max(1, math.ceil(math.sqrt(problem.steps)))
+    """The checkpoint strategy's stride ``m = ceil(sqrt K)``: every ``m``-th iterate is kept and
+    one segment of ``m`` is rebuilt at a time, at most ``K // m + 1 + m`` copies (~2 sqrt K).
+
+    Where that bound is no smaller than ``K`` (``K <= 6``) segments save nothing, so every
+    iterate is kept (stride 1): the same memory bound without the recompute (at 5 steps the
+    recompute cost ~15% of the batched sinusoid meta-step; BENCHMARKS.md).
+    """
+    K = problem.steps
+    m = max(1, math.ceil(math.sqrt(K)))
+    return 1 if K // m + 1 + m >= K else m
 
 
 def _shapes(data: Any) -> tuple[Any, ...]:
