@@ -21,7 +21,7 @@ from torch import Tensor
 
 from metagrad import optim
 from metagrad._typing import Buffers, LossFn, Params
-from metagrad.bilevel._adjoint_vmap import batched_update
+from metagrad.bilevel._batched import batched_update
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.functional._attention import higher_order_attention
 

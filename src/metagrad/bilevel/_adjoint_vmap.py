@@ -29,10 +29,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metagrad import optim
 from metagrad._compat import pytree
 from metagrad._typing import Params
 from metagrad.bilevel._adjoint import Iterates
+from metagrad.bilevel._batched import batched_update, vmap_flat
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import batch_at, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Optimizer, Problem
@@ -54,30 +54,6 @@ class Walk(NamedTuple):
 
     roots: list[Tensor]
     stops: list[Tensor]
-
-
-# Optimizers whose update is elementwise per parameter with a Python step count: on leaves
-# batched as [P, *shape] with scalar hyperparameters it computes exactly what vmap of it does.
-_ELEMENTWISE = (optim.SGD, optim.Adam, optim.AdamW)
-
-
-def batched_update(
-    opt: Optimizer,
-    grads: Params,
-    state: Any,
-    w: Params,
-    k: int,
-    lrs: dict[str, Any] | None,
-) -> State:
-    """``vmap(opt.update)`` over the problems' leading dimension, without ``vmap`` when the
-    update is elementwise with scalar hyperparameters (SGD, Adam, AdamW: vmap's per-op
-    dispatch costs ~10x the update itself on a small MLP; BENCHMARKS.md)."""
-    scalar = lrs is None or all(not isinstance(v, Tensor) or v.dim() == 0 for v in lrs.values())
-    if type(opt) in _ELEMENTWISE and scalar and not any(opt._shaped):  # type: ignore[attr-defined]
-        out: State = opt.update(grads, state, w, k, lrs)
-        return out
-    res: State = torch.func.vmap(lambda x, g, st: opt.update(g, st, x, k, lrs))(w, grads, state)
-    return res
 
 
 BATCH_BYTES = 2**28
@@ -208,7 +184,7 @@ def _group(
         # parameters is problem p's gradient), instead of torch.func.grad inside vmap, which
         # wraps every op of the step again. ``graph``: keep it for the VJP that follows.
         with attention_for(graph):
-            losses = _vmap_flat(lambda x, d: problem.call_inner(x, h, d, k), w, batch)
+            losses = vmap_flat(lambda x, d: problem.call_inner(x, h, d, k), w, batch)
             leaves = list(w.values())
             gs = (
                 torch.autograd.grad(losses.sum(), leaves, create_graph=graph, allow_unused=True)
@@ -256,7 +232,7 @@ def _group(
 
             (new, _), walk = step(a, b, p_r, K - 1, batch)
             h_r = hyper_at(p_r)[0]
-            vals = _vmap_flat(lambda x, do: problem.call_outer(x, h_r, do, K), new, outer_data)
+            vals = vmap_flat(lambda x, do: problem.call_outer(x, h_r, do, K), new, outer_data)
             # One backward of c_K * sum_p g_p(F(w_p, s_p, phi), phi): each problem's VJP of the
             # last step with its outer gradient, plus phi's direct term, summed over problems.
             v, u, g_phi = _pull(problem, [c_K * vals.sum()], [None], a, b, p_r, walk)
@@ -285,22 +261,6 @@ def _group(
     for n, j in w0_wrt.items():
         sums[j] = v[n].sum(0)
     return per, sums
-
-
-def _vmap_flat(fn: Callable[[Params, Any], Tensor], w: Params, data: Any) -> Tensor:
-    """``vmap(fn)(w, data)`` over the leading dimension, with the leaves passed flat: vmap's
-    handling of a nested input tree (``in_dims`` broadcast, flatten, unflatten) costs more than
-    one unflatten inside (measured: 68 vs 75 us per call with six parameters and two data
-    tensors, ~10 calls per 5-step meta-step)."""
-    names = list(w)
-    n = len(names)
-    leaves, spec = pytree.tree_flatten(data)
-
-    def flat_fn(*xs: Tensor) -> Tensor:
-        return fn(dict(zip(names, xs[:n])), pytree.tree_unflatten(list(xs[n:]), spec))
-
-    out: Tensor = torch.func.vmap(flat_fn, randomness="same")(*w.values(), *leaves)
-    return out
 
 
 def _inputs(tree_: Any) -> Any:

@@ -4,6 +4,11 @@ r"""Independent problems at once: ``torch.func.grad`` of the mean of ``vmap`` ov
     G = \frac1P \sum_{i=1}^{P} G_i(w_0, h),\qquad \nabla G = \texttt{grad}(\texttt{mean} \circ
     \texttt{vmap}(G_i))
 
+Eagerly the inner loops run step by step on weights batched as ``[P, *shape]``: each step one
+``vmap`` of the inner objectives and one autograd call on their sum, then one backward of the
+mean outer objective (:func:`_per_step`). Compiled, ``torch.func.grad`` of one ``vmap`` of the
+whole loops is traced as one graph.
+
 Exact wherever the objectives' batched double backward is (stock linear/conv layers and
 elementwise ops; not BatchNorm or LayerNorm, cf. pytorch/functorch#534: the caller decides).
 Optionally ``torch.compile``-d once per problem structure and cached in a :class:`Cache` that the
@@ -23,10 +28,13 @@ import torch
 from torch import Tensor
 
 from metagrad._compat import pytree
+from metagrad._typing import Params
+from metagrad.bilevel._batched import batched_update, vmap_flat
 from metagrad.bilevel._foreign import foreign_leaves
-from metagrad.bilevel._inner import AutogradBackend, FuncBackend, run
+from metagrad.bilevel._inner import AutogradBackend, FuncBackend, batch_at, resolved_optimizer, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
-from metagrad.bilevel._tree import Flat, index
+from metagrad.bilevel._tree import Flat, count_problems, index
+from metagrad.functional._attention import attention_for
 
 _log = logging.getLogger("metagrad")
 
@@ -137,17 +145,30 @@ def _vmap_fn(
                 )
             return per.mean(), per.detach()
 
+        def stepwise(d: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+            leaves: list[Any] = [None] * n
+            for i, v in zip(const_at, consts):
+                leaves[i] = v
+            for i, v in zip(wrt, d):
+                leaves[i] = v
+            mp = MetaParams(*pytree.tree_unflatten(leaves, spec))
+            inner_data = PerStep(di) if isinstance(di, list) else di
+            return _per_step(problem, mp, inner_data, do, weights)
+
         grads: list[Tensor] = []
         if need_grad and diff and compiled:
             grads, (loss, per) = torch.func.grad_and_value(mean_loss, has_aux=True)(diff)
         elif need_grad and diff:
-            # Eager: autograd through the vmapped losses, as a hand-written vmap loop does. An
-            # outer torch.func.grad level wraps every op of the step again (~1.35x the time of
-            # the sinusoid step). Closed-over tensors are found by walking the graph (cheap).
+            # Eager: step by step, each step one vmap of the inner objectives and one autograd
+            # call on their sum (create_graph), then one backward of the mean outer objective,
+            # as a hand-written vmap loop runs. A torch.func.grad level inside one vmap of the
+            # whole loop costs 1.7x the plain per-task loop on a model whose activations
+            # dominate (BENCHMARKS.md); an outer torch.func.grad level wraps every op again.
+            # Closed-over tensors are found by walking the graph (cheap).
             d = [v.detach().requires_grad_() for v in diff]
             with torch.enable_grad():
-                loss, per = mean_loss(d)
-            if foreign_leaves([loss], d):
+                loss, per, fresh = stepwise(d)
+            if foreign_leaves([loss], [*d, *fresh]):
                 raise ForeignUnderVmap(FOREIGN.format(name=problem.name))
             grads = list(torch.autograd.grad(loss, d, allow_unused=True, materialize_grads=True))
             loss = loss.detach()
@@ -160,6 +181,59 @@ def _vmap_fn(
         return grads, loss, per, finite
 
     return fn
+
+
+def _per_step(
+    problem: Problem, mp: MetaParams, inner_data: Any, outer_data: Any, weights: Tensor | None
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``(mean outer objective, per-problem objectives, fresh leaves)`` of the inner loops of
+    all problems, run step by step on parameters batched as ``[P, *shape]``, differentiable in
+    ``mp``; the fresh leaves stand for inner weights that are not differentiated (they are no
+    closed-over tensors).
+
+    Same arithmetic as :func:`metagrad.bilevel._inner.run` under ``vmap`` (the update and the
+    outer weights included); inner gradients by autograd on the summed vmapped losses (the
+    problems share no weights, so the sum's gradient for problem ``p``'s copy is its own).
+    """
+    P = count_problems(problem.name, inner_data, outer_data)
+    create_graph = problem.order == 2
+    h = problem.hyper(mp.h)
+    opt = resolved_optimizer(problem, mp.opt)
+    w = {n: v.expand(P, *v.shape) for n, v in mp.w0.items()}
+    # A weight that is not differentiated still needs an inner gradient (torch.func.grad gives
+    # one to every weight): a fresh leaf of its batched copy.
+    fresh = {n: v.detach().requires_grad_() for n, v in w.items() if v.is_floating_point()
+             and not v.requires_grad}  # fmt: skip
+    w = {n: fresh.get(n, v) for n, v in w.items()}
+    state = torch.func.vmap(opt.init)(w)
+
+    def inner_at(k: int) -> Callable[[Params, Any], Tensor]:
+        return lambda x, b: problem.call_inner(x, h, b, k)
+
+    def outer_at(k: int) -> Callable[[Params, Any], Tensor]:
+        return lambda x, b: problem.call_outer(x, h, b, k)
+
+    per: Tensor | None = None
+    K = problem.steps
+    for k in range(K):
+        with attention_for(create_graph):
+            losses = vmap_flat(inner_at(k), w, batch_at(problem, inner_data, k), "different")
+        names = [m for m, v in w.items() if v.requires_grad]
+        gs = torch.autograd.grad(
+            losses.sum(), [w[m] for m in names], create_graph=create_graph, allow_unused=True
+        )
+        got = dict(zip(names, gs))
+        grads = {m: torch.zeros_like(v) if got.get(m) is None else got[m] for m, v in w.items()}
+        lrs = {m: problem.lr(h, k, m) for m in w} if problem.lr is not None else None
+        w, state = batched_update(opt, grads, state, w, k, lrs)
+        if problem.outer_weights is not None:
+            c = problem.weight(k + 1) if weights is None else weights[k]
+            q = vmap_flat(outer_at(k + 1), w, outer_data, "different")
+            per = c * q if per is None else per + c * q
+    if problem.outer_weights is None or K == 0:
+        per = vmap_flat(outer_at(K), w, outer_data, "different")
+    assert per is not None
+    return per.mean(), per.detach(), list(fresh.values())
 
 
 def vmapped(

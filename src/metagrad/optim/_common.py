@@ -271,7 +271,9 @@ class OptimizerBase:
                     f"give one per parameter (keys: {', '.join(sorted(lrs))}) or lrs=None."
                 )
             cfg = {**cfg, "lr": lrs[name]}
-        for key in self._hypers:
+        # No configured tensor is shaped: only the learning rate from lrs can need a check.
+        keys = self._hypers if self._shaped[index] else ("lr",) if "lr" in self._hypers else ()
+        for key in keys:
             values = cfg[key] if key in self._pairs else (cfg[key],)
             for j, v in enumerate(values):
                 if isinstance(v, Tensor) and v.dim() > 0:
