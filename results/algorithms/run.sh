@@ -60,6 +60,14 @@ OMP_NUM_THREADS=1 train omniglot-20w1s-imaml omniglot --algorithm imaml $O20 \
 OMP_NUM_THREADS=2 train omniglot-20w1s-imaml-l1 omniglot --algorithm imaml $O20 \
   --inner-steps 16 --inner-lr 0.1 --imaml-lam 1.0 --cg-damping 1.0 --cg-steps 5 --test-steps 0,1,5,16
 
+# 20-way with the MAML paper's inner loop (5 steps at 0.1 on the mean cross-entropy) at
+# meta-batch 8 and at the paper's 16, the column's 500 iterations; 1 thread each, side by side.
+O20REF="--data ../shared/data/omniglot --n-way 20 --queries 1 --lr-schedule constant \
+  --split 0.8,0.05,0.15 --val-every 125 --val-tasks 50 --iterations 500 --test-steps 0,1,5 \
+  --inner-steps 5 --inner-lr 0.1 --no-progress --no-plots"
+OMP_NUM_THREADS=1 train omniglot-20w1s-maml-5step omniglot $O20REF --meta-batch 8
+OMP_NUM_THREADS=1 train omniglot-20w1s-maml-ref omniglot $O20REF --meta-batch 16
+
 # Data scaling: MAML 5-way 1-shot at 1,000 iterations on nested 50% / 75% subsets of the
 # training characters (100%: results/omniglot-5w1s-time-to-accuracy/it-1000).
 for f in 50 75; do
