@@ -144,6 +144,8 @@ class Workload:
     notes: dict[str, str] = field(default_factory=dict)
     # Rows gated under torch.set_default_dtype(float64), with the reason.
     default_f64: dict[str, str] = field(default_factory=dict)
+    # Measured for memory only (not a hypergradient: neither gated nor timed).
+    memory_rows: dict[str, Fn] = field(default_factory=dict)
 
 
 STRATEGIES = ("auto", "unroll", "vmap", "adjoint", "checkpoint", "forward")
@@ -418,6 +420,20 @@ def unroll_workload(
         out = F.cross_entropy(m(va[0]), va[1])
         return list(torch.autograd.grad(out, [lr, wd]))
 
+    def one_step() -> list[Tensor]:
+        # What any method holds at least once: one inner step's forward and backward.
+        w = {k: v.detach().requires_grad_() for k, v in w0.items()}
+        return list(torch.autograd.grad(f(w, {"wd": wd.detach()}, tr), list(w.values())))
+
+    def one_step_second_order() -> list[Tensor]:
+        # ... and one differentiable step: its gradient kept with create_graph, then a VJP of
+        # it (the working set of every exact reverse or forward step).
+        w = {k: v.detach().requires_grad_() for k, v in w0.items()}
+        gs = torch.autograd.grad(f(w, {"wd": wd.detach()}, tr), list(w.values()), create_graph=True)
+        return list(
+            torch.autograd.grad(gs, list(w.values()), grad_outputs=[g.detach() for g in gs])
+        )
+
     rows = with_peers(
         {**strategy_rows(mg), "torch.func loop": func_loop},
         {"higher innerloop_ctx": higher_loop},
@@ -442,6 +458,10 @@ def unroll_workload(
         "torch.func loop",
         notes=notes,
         default_f64=f64,
+        memory_rows={
+            "one inner step, first order (no hypergradient)": one_step,
+            "one inner step, second order (no hypergradient)": one_step_second_order,
+        },
     )
 
 
@@ -588,7 +608,15 @@ BUILDERS: dict[str, Callable[[torch.dtype], Workload]] = {
 MEMORY_ONLY: dict[str, Callable[[torch.dtype], Workload]] = {
     "unroll-K50-h16": lambda d: unroll_workload(d, 50, hidden=16),
     "unroll-K50-h256": lambda d: unroll_workload(d, 50, hidden=256),
+    "unroll-K50-h1024": lambda d: unroll_workload(d, 50, hidden=1024),
 }
+GRID = ("unroll-K10", "unroll-K50", "unroll-K200", *MEMORY_ONLY)
+
+
+def memory_cells(builder: Callable[[torch.dtype], Workload]) -> dict[str, Any]:
+    """Peak memory of every row of a workload, memory-only rows included (one process each)."""
+    wl = builder(torch.float32)
+    return {row: memory(builder, row) for row in [*wl.rows, *wl.memory_rows]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -699,7 +727,7 @@ def _status_kb(field_name: str) -> int:
 def _memory_child(builder: Callable[[torch.dtype], Workload], row: str) -> float:
     """Peak RSS growth (MB) of one call, measured in this (fresh, forked) process."""
     wl = builder(torch.float32)
-    fn = wl.rows[row]
+    fn = wl.rows[row] if row in wl.rows else wl.memory_rows[row]
     with _quiet():
         fn()  # warm-up: lazy imports, kernels, allocator pools
         gc.collect()
@@ -851,11 +879,7 @@ def _auto_best(res: dict[str, Any]) -> bool:
 
 
 def memory_table(mem: dict[str, dict[str, Any]]) -> str:
-    cols = [
-        c
-        for c in ("unroll-K10", "unroll-K50", "unroll-K200", "unroll-K50-h16", "unroll-K50-h256")
-        if c in mem
-    ]
+    cols = [c for c in GRID if c in mem]
     if not cols:
         return ""
     rows = sorted(
@@ -898,6 +922,11 @@ def main() -> None:
     ap.add_argument("--no-gate", action="store_true")
     ap.add_argument("--max-load", type=float, default=2.0, help="wait for a 1-min load below this")
     ap.add_argument("--wait-s", type=float, default=0.0, help="how long to wait for it")
+    ap.add_argument(
+        "--memory-grid",
+        action="store_true",
+        help="only the peak-memory table against K and the model size (no gate, no timing)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     ap.add_argument(
@@ -911,6 +940,18 @@ def main() -> None:
     info = machine()
     print(json.dumps({k: v for k, v in info.items() if k != "lscpu_head"}), flush=True)
     results: dict[str, Any] = {}
+    if args.memory_grid:
+        grid = {}
+        for name in GRID:
+            grid[name] = memory_cells({**BUILDERS, **MEMORY_ONLY}[name])
+            print(f"{name}: memory {json.dumps(grid[name])}", flush=True)
+        text = memory_table(grid)
+        print("\n" + text)
+        if args.markdown:
+            Path(args.markdown).write_text(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": info, "memory_grid": grid}, indent=1))
+        return
     for name in args.only:
         res: dict[str, Any] = {"describe": BUILDERS[name](torch.float32).describe}
         res["gate"] = {} if args.no_gate else gate(name)
@@ -925,8 +966,7 @@ def main() -> None:
         )
         res["memory"] = {}
         if not args.no_memory:
-            for row in BUILDERS[name](torch.float32).rows:
-                res["memory"][row] = memory(BUILDERS[name], row)
+            res["memory"] = memory_cells(BUILDERS[name])
             print(f"{name}: memory {json.dumps(res['memory'])}", flush=True)
         if args.no_gate:
             res["gate"] = {r: {"status": "not gated", "rel_err": None} for r in res["time"]}
@@ -936,7 +976,7 @@ def main() -> None:
     }
     if not args.no_memory and any(n.startswith("unroll-K") for n in args.only):
         for name, builder in MEMORY_ONLY.items():
-            extra_mem[name] = {row: memory(builder, row) for row in builder(torch.float32).rows}
+            extra_mem[name] = memory_cells(builder)
             print(f"{name}: memory {json.dumps(extra_mem[name])}", flush=True)
     text = render(info, vars(args), results, extra_mem)
     print("\n" + text)
