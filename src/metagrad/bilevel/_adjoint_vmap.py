@@ -32,13 +32,12 @@ from torch import Tensor
 from metagrad._compat import pytree
 from metagrad._typing import Params
 from metagrad.bilevel._adjoint import Iterates
-from metagrad.bilevel._batched import batched_update, vmap_flat
+from metagrad.bilevel._batched import batched_grads, batched_update, vmap_flat
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import batch_at, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Optimizer, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index, tree_detach
 from metagrad.bilevel._vmap import ForeignUnderVmap
-from metagrad.functional._attention import attention_for
 
 State = tuple[Params, Any]
 
@@ -179,20 +178,8 @@ def _group(
     create_graph = problem.order == 2
 
     def inner_grads(w: Params, h: Any, k: int, batch: Any, graph: bool) -> tuple[Params, Tensor]:
-        # All problems' inner gradients at step k from one autograd call on the summed vmapped
-        # losses (the problems are independent: the sum's gradient w.r.t. problem p's
-        # parameters is problem p's gradient), instead of torch.func.grad inside vmap, which
-        # wraps every op of the step again. ``graph``: keep it for the VJP that follows.
-        with attention_for(graph):
-            losses = vmap_flat(lambda x, d: problem.call_inner(x, h, d, k), w, batch)
-            leaves = list(w.values())
-            gs = (
-                torch.autograd.grad(losses.sum(), leaves, create_graph=graph, allow_unused=True)
-                if losses.requires_grad
-                else [None] * len(leaves)
-            )
-        grads = {n: torch.zeros_like(w[n]) if g is None else g for n, g in zip(w, gs)}
-        return grads, losses
+        # ``graph``: keep it for the VJP that follows (the reverse step's recompute).
+        return batched_grads(lambda x, d: problem.call_inner(x, h, d, k), w, batch, graph)
 
     def lrs_at(h: Any, k: int, w: Params) -> dict[str, Any] | None:
         return {n: problem.lr(h, k, n) for n in w} if problem.lr is not None else None

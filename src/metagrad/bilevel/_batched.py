@@ -18,6 +18,7 @@ from metagrad import optim
 from metagrad._compat import pytree
 from metagrad._typing import Params
 from metagrad.bilevel._problem import Optimizer
+from metagrad.functional._attention import attention_for
 
 State = tuple[Params, Any]
 
@@ -61,3 +62,30 @@ def vmap_flat(
 
     out: Tensor = torch.func.vmap(flat_fn, randomness=randomness)(*w.values(), *leaves)
     return out
+
+
+def batched_grads(
+    fn: Callable[[Params, Any], Tensor],
+    w: Params,
+    batch: Any,
+    create_graph: bool,
+    randomness: str = "same",
+) -> tuple[Params, Tensor]:
+    """Every problem's inner gradient at one step, and the per-problem losses ``[P]``.
+
+    One autograd call on the sum of the vmapped losses: the problems share no weights, so the
+    sum's gradient for problem ``p``'s copy is problem ``p``'s gradient (``torch.func.grad``
+    inside ``vmap`` would wrap every op of the step again). Weights that do not require grad or
+    do not reach the loss get zeros. ``create_graph`` keeps the graph for a second derivative.
+    """
+    with attention_for(create_graph):
+        losses = vmap_flat(fn, w, batch, randomness)
+        names = [n for n, v in w.items() if v.requires_grad]
+        gs: list[Tensor | None] | tuple[Tensor | None, ...] = [None] * len(names)
+        if losses.requires_grad and names:
+            gs = torch.autograd.grad(
+                losses.sum(), [w[n] for n in names], create_graph=create_graph, allow_unused=True
+            )
+    got = dict(zip(names, gs))
+    grads = {n: torch.zeros_like(v) if got.get(n) is None else got[n] for n, v in w.items()}
+    return grads, losses  # type: ignore[return-value]

@@ -29,12 +29,11 @@ from torch import Tensor
 
 from metagrad._compat import pytree
 from metagrad._typing import Params
-from metagrad.bilevel._batched import batched_update, vmap_flat
+from metagrad.bilevel._batched import batched_grads, batched_update, vmap_flat
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import AutogradBackend, FuncBackend, batch_at, resolved_optimizer, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
 from metagrad.bilevel._tree import Flat, count_problems, index
-from metagrad.functional._attention import attention_for
 
 _log = logging.getLogger("metagrad")
 
@@ -216,14 +215,8 @@ def _per_step(
     per: Tensor | None = None
     K = problem.steps
     for k in range(K):
-        with attention_for(create_graph):
-            losses = vmap_flat(inner_at(k), w, batch_at(problem, inner_data, k), "different")
-        names = [m for m, v in w.items() if v.requires_grad]
-        gs = torch.autograd.grad(
-            losses.sum(), [w[m] for m in names], create_graph=create_graph, allow_unused=True
-        )
-        got = dict(zip(names, gs))
-        grads = {m: torch.zeros_like(v) if got.get(m) is None else got[m] for m, v in w.items()}
+        batch = batch_at(problem, inner_data, k)
+        grads, _ = batched_grads(inner_at(k), w, batch, create_graph, "different")
         lrs = {m: problem.lr(h, k, m) for m in w} if problem.lr is not None else None
         w, state = batched_update(opt, grads, state, w, k, lrs)
         if problem.outer_weights is not None:
