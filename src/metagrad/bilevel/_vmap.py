@@ -127,13 +127,16 @@ def _vmap_fn(
     def fn(
         diff: list[Tensor], consts: list[Any], di: Any, do: Any, weights: Tensor | None
     ) -> tuple[list[Tensor], Tensor, Tensor, Tensor | None]:
-        def mean_loss(d: list[Tensor]) -> tuple[Tensor, Tensor]:
+        def tree(d: list[Tensor]) -> MetaParams:
             leaves: list[Any] = [None] * n
             for i, v in zip(const_at, consts):
                 leaves[i] = v
             for i, v in zip(wrt, d):
                 leaves[i] = v
-            mp = MetaParams(*pytree.tree_unflatten(leaves, spec))
+            return MetaParams(*pytree.tree_unflatten(leaves, spec))
+
+        def mean_loss(d: list[Tensor]) -> tuple[Tensor, Tensor]:
+            mp = tree(d)
             if weighted:
                 per = torch.func.vmap(lambda a, b: one(mp, a, b, weights), randomness="different")(
                     di, do
@@ -145,14 +148,8 @@ def _vmap_fn(
             return per.mean(), per.detach()
 
         def stepwise(d: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
-            leaves: list[Any] = [None] * n
-            for i, v in zip(const_at, consts):
-                leaves[i] = v
-            for i, v in zip(wrt, d):
-                leaves[i] = v
-            mp = MetaParams(*pytree.tree_unflatten(leaves, spec))
             inner_data = PerStep(di) if isinstance(di, list) else di
-            return _per_step(problem, mp, inner_data, do, weights)
+            return _per_step(problem, tree(d), inner_data, do, weights)
 
         grads: list[Tensor] = []
         if need_grad and diff and compiled:
