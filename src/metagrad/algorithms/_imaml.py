@@ -32,12 +32,13 @@ from metagrad._compat import pytree
 from metagrad._errors import check_finite
 from metagrad._typing import Buffers, LossFn, Params
 from metagrad.algorithms._base import ImplicitLearner, check_steps
-from metagrad.algorithms._imaml_vmap import (
-    implicit_gradients,
-    refuse_update_closure,
-    solve_proximal,
+from metagrad.algorithms._imaml_vmap import IMPLICIT_ONLY, implicit_gradients, solve_proximal
+from metagrad.algorithms._task import (
+    MetaResult,
+    make_inner_optimizer,
+    refuse_closed_update,
+    refuse_learned_hyperparams,
 )
-from metagrad.algorithms._task import MetaResult, make_inner_optimizer, refuse_learned_hyperparams
 from metagrad.bilevel import cg, custom_root
 from metagrad.bilevel._foreign import add_pairs, foreign_leaves
 from metagrad.functional._attention import higher_order_attention
@@ -162,7 +163,7 @@ class IMAML(ImplicitLearner):
                 grads, state, {n: v.detach() for n, v in a.items()}, k, lrs
             )
             if k == 0:
-                refuse_update_closure(self.fn_name, t)
+                refuse_closed_update(t, self.fn_name, IMPLICIT_ONLY)
             t = {n: v.detach() for n, v in t.items()}
             state = pytree.tree_map(lambda x: x.detach(), state)
         return t

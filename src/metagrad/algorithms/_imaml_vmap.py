@@ -21,6 +21,7 @@ from torch import Tensor
 
 from metagrad import optim
 from metagrad._typing import Buffers, LossFn, Params
+from metagrad.algorithms._task import refuse_closed_update
 from metagrad.bilevel._batched import batched_update
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.functional._attention import higher_order_attention
@@ -90,16 +91,8 @@ def batched_cg(
     return BatchedCG(x, iterations, residual)
 
 
-def refuse_update_closure(fn_name: str, t: Params) -> None:
-    """Raise if the inner optimizer's update made a graph from detached inputs: it closes
-    over a tensor that requires grad, which iMAML's implicit gradient never reaches."""
-    if any(v.requires_grad for v in t.values()):
-        raise ValueError(
-            f"{fn_name}: the inner optimizer's update depends on a tensor that requires grad (it "
-            f"closes over one), but iMAML's implicit gradient depends on the inner solution only, "
-            f"so that tensor would get no gradient. Fix: detach it, or learn it with "
-            f"metagrad.MAML, which differentiates through the inner updates."
-        )
+IMPLICIT_ONLY = "iMAML's implicit gradient depends on the inner solution only"
+"""Why iMAML refuses what the inner updates close over (:func:`refuse_closed_update`)."""
 
 
 def solve_proximal(
@@ -138,7 +131,7 @@ def solve_proximal(
             gs = torch.autograd.grad(losses.sum(), list(a.values()))
         t, state = batched_update(opt, dict(zip(a, gs)), state, t, k, lrs)
         if k == 0:
-            refuse_update_closure(fn_name, t)
+            refuse_closed_update(t, fn_name, IMPLICIT_ONLY)
     return {n: v.detach() for n, v in t.items()}
 
 

@@ -473,6 +473,12 @@ def refuse_update_closure(
     with torch.enable_grad():
         zeros = {k: torch.zeros_like(v) for k, v in w.items()}
         new, _ = opt.update(zeros, opt.init(w), w, 0, {k: lr for k in w})
+    refuse_closed_update(new, fn_name, why)
+
+
+def refuse_closed_update(new: Params, fn_name: str, why: str) -> None:
+    """Raise if ``new``, an inner update's output from detached inputs, requires grad: the
+    update closes over a tensor that requires grad, which (``why``) gets no gradient."""
     if any(isinstance(v, Tensor) and v.requires_grad for v in new.values()):
         raise ValueError(
             f"{fn_name}: the inner optimizer's update depends on a tensor that requires grad (it "
