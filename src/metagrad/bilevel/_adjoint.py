@@ -37,7 +37,15 @@ from metagrad._typing import Params
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import AutogradBackend, batch_at, inner_step, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, Problem
-from metagrad.bilevel._tree import Flat, accumulate, count_problems, fresh_leaf, index, tree_detach
+from metagrad.bilevel._tree import (
+    Flat,
+    accumulate,
+    count_problems,
+    fresh_leaf,
+    index,
+    is_plain,
+    tree_detach,
+)
 
 
 def adjoint(
@@ -264,10 +272,6 @@ def _one_problem(
     return objective, grads, foreign_g, foreign
 
 
-def _flat_dict(w: Any) -> bool:
-    return type(w) is dict and all(isinstance(x, Tensor) for x in w.values())
-
-
 class _Bank:
     """Storage for ``slots`` iterates ``(w, state)``: one preallocated block per tensor leaf."""
 
@@ -275,7 +279,7 @@ class _Bank:
         w, state = like
         # Parameters as a flat dict and a state without tensors (SGD without momentum): every
         # put/get skips the pytree walk (it cost ~2% of a small MLP's meta-step).
-        self.names = list(w) if _flat_dict(w) and not pytree.tree_leaves(state) else None
+        self.names = list(w) if is_plain(w) and not pytree.tree_leaves(state) else None
         self.state = state
         leaves, self.spec = pytree.tree_flatten(like)
         self.blocks = [

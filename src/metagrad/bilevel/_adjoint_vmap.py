@@ -36,7 +36,7 @@ from metagrad.bilevel._batched import batched_grads, batched_update, vmap_flat
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import batch_at, resolved_optimizer
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Optimizer, Problem
-from metagrad.bilevel._tree import Flat, count_problems, index, tree_detach
+from metagrad.bilevel._tree import Flat, count_problems, index, is_plain, plain_leaves, tree_detach
 from metagrad.bilevel._vmap import ForeignUnderVmap
 
 State = tuple[Params, Any]
@@ -193,8 +193,7 @@ def _group(
         return out, Walk([losses], list(grads.values()))
 
     mp_fwd = tree(phi)
-    h_fwd = problem.hyper(mp_fwd.h)
-    opt_fwd = resolved_optimizer(problem, mp_fwd.opt)
+    h_fwd, opt_fwd = hyper_at(phi)
 
     def advance(w: Params, s: Any, k: int) -> State:
         # The forward sweep keeps no graph: first-order gradients, the same batched update.
@@ -239,8 +238,8 @@ def _group(
                 a, b = _inputs(w_prev), _inputs(s_prev)
                 p_r = [x.detach().requires_grad_() for x in phi]
                 (new, s_new), walk = step(a, b, p_r, k - 1, batch)
-                outs = [*_leaves(new), *_leaves(s_new)]
-                cots = [*_leaves(v), *_leaves(u)]
+                outs = [*plain_leaves(new), *plain_leaves(s_new)]
+                cots = [*plain_leaves(v), *plain_leaves(u)]
                 v, u, gp = _pull(problem, outs, cots, a, b, p_r, walk)
             g_phi = [x + y for x, y in zip(g_phi, gp)]
     assert per is not None
@@ -257,24 +256,9 @@ def _inputs(tree_: Any) -> Any:
     def one(t: Any) -> Any:
         return t.detach().requires_grad_() if isinstance(t, Tensor) and t.is_floating_point() else t
 
-    if _plain(tree_):  # the parameters, and stateless optimizers' state: no pytree walk
+    if is_plain(tree_):  # the parameters, and stateless optimizers' state: no pytree walk
         return type(tree_)({n: one(t) for n, t in tree_.items()}) if tree_ else tree_
     return pytree.tree_map(one, tree_)
-
-
-def _plain(tree_: Any) -> bool:
-    """A flat dict of tensors, or an empty container (EmptyState, ``{}``, ``()``)."""
-    if type(tree_) is dict:
-        return all(isinstance(t, Tensor) for t in tree_.values())
-    return isinstance(tree_, tuple | dict) and len(tree_) == 0
-
-
-def _leaves(tree_: Any) -> list[Any]:
-    """``pytree.tree_leaves`` without the walk for :func:`_plain` trees (called every step)."""
-    if _plain(tree_):
-        return list(tree_.values()) if tree_ else []
-    leaves: list[Any] = pytree.tree_leaves(tree_)
-    return leaves
 
 
 def _pull(
@@ -299,7 +283,7 @@ def _pull(
         (o, c) for o, c in zip(outputs, cotangents) if isinstance(o, Tensor) and o.requires_grad
     ]
     outs, cots = [o for o, _ in pairs], [c for _, c in pairs]
-    w_in, s_in = list(w.values()), _leaves(s)
+    w_in, s_in = list(w.values()), plain_leaves(s)
     inputs = [*w_in, *(t for t in s_in if isinstance(t, Tensor) and t.requires_grad), *phi]
     roots, stops = outs, inputs
     if walk is not None:  # stop at the inner gradients: their nodes hold no other leaf
@@ -320,7 +304,7 @@ def _pull(
         grads = [torch.zeros_like(t) for t in inputs]
     it = iter(grads)
     dw = {n: next(it) for n in w}
-    if _plain(s) and not s:
+    if is_plain(s) and not s:
         ds = s
     else:
         ds = pytree.tree_map(

@@ -126,3 +126,18 @@ def all_finite(values: list[Tensor | None]) -> bool:
 
 def map_tensors(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
     return pytree.tree_map(lambda x: fn(x) if isinstance(x, Tensor) else x, tree)
+
+
+def is_plain(tree_: Any) -> bool:
+    """A flat dict of tensors, or an empty container (EmptyState, ``{}``, ``()``)."""
+    if type(tree_) is dict:
+        return all(isinstance(t, Tensor) for t in tree_.values())
+    return isinstance(tree_, tuple | dict) and len(tree_) == 0
+
+
+def plain_leaves(tree_: Any) -> list[Any]:
+    """``pytree.tree_leaves`` without the walk for :func:`is_plain` trees (called every step)."""
+    if is_plain(tree_):
+        return list(tree_.values()) if tree_ else []
+    leaves: list[Any] = pytree.tree_leaves(tree_)
+    return leaves
