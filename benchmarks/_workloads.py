@@ -128,6 +128,39 @@ def sinusoid_tasks(
     return xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase)
 
 
+def regression_tasks(
+    T: int, N: int, D: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random regression tasks, ``N`` support and ``N`` query points in ``D`` dimensions (values
+    do not matter for timing or for the gate)."""
+    xs, xq = torch.randn(T, N, D, generator=gen), torch.randn(T, N, D, generator=gen)
+    return xs, torch.randn(T, N, 1, generator=gen), xq, torch.randn(T, N, 1, generator=gen)
+
+
+def _mlp_workload(name: str, d: int, width: int, T: int, N: int, description: str) -> MetaWorkload:
+    """A tanh MLP ``d-width-width-1`` on ``T`` random regression tasks of ``N`` points, 1 inner
+    SGD step (lr 0.01): the shapes where one task's work, not the dispatch, dominates."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(d, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+            nn.Linear(width, 1),
+        )  # fmt: skip
+
+    return MetaWorkload(
+        name=name,
+        description=description,
+        make_model=make,
+        loss_fn=F.mse_loss,
+        inner_lr=0.01,
+        steps=1,
+        make_tasks=lambda g: regression_tasks(T, N, d, g),
+        time_budget_s=40.0,
+        time_wrong=False,
+        second_order_only=True,
+    )
+
+
 def image_tasks(
     T: int, n_way: int, k_shot: int, q_per_class: int, size: int, gen: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -214,6 +247,18 @@ def meta_workloads(quick: bool) -> list[MetaWorkload]:
         ),
     ]
     if not quick:
+        out += [
+            _mlp_workload(
+                "wide-mlp-2tasks", 64, 512, 2, 4000,
+                "tanh MLP 64-512-512-1 (296,449 params), 2 tasks x 4,000 support / 4,000 query "
+                "points, 1 inner SGD step (lr 0.01); activations dominate; second-order rows only",
+            ),
+            _mlp_workload(
+                "mlp640-16tasks", 1, 640, 16, 10,
+                "tanh MLP 1-640-640-1 (412,161 params), 16 tasks x 10 support / 10 query "
+                "points, 1 inner SGD step (lr 0.01); parameters dominate; second-order rows only",
+            ),
+        ]  # fmt: skip
         out.append(
             _conv4_workload(
                 32,

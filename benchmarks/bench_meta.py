@@ -540,14 +540,16 @@ def metagrad_notes(wl: Workload, impls: list[Impl], rows: list[Row]) -> None:
     if not isinstance(wl, MetaWorkload):
         return
     from metagrad.algorithms import MAML
-    from metagrad.algorithms._task import resolve_strategy
+    from metagrad.algorithms._task import resolve_strategy, vmap_pays
 
-    model, _ = wl.build(torch.float32)
+    model, (xs, _, xq, _) = wl.build(torch.float32)
     learner = MAML(copy.deepcopy(model), wl.loss_fn, wl.inner_lr, wl.steps)
     chosen = resolve_strategy("auto", learner.fmodel, "bench", 2, torch.device("cpu"))
+    if chosen == "vmap" and not vmap_pays(dict(model.named_parameters()), xs, xq):
+        chosen = "loop"
     for impl, row in zip(impls, rows):
         if impl.is_metagrad and "auto" in impl.name:
-            row.note = f"auto resolves to strategy={chosen!r} on this model"
+            row.note = f"auto resolves to strategy={chosen!r} on this model and these tasks"
         elif impl.is_metagrad and "vmap" in impl.name and chosen != "vmap":
             row.note = "forced; auto picks the loop on this model"
         elif impl.note:

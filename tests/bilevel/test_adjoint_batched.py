@@ -262,6 +262,46 @@ def test_one_task_runs_the_loop_not_vmap(monkeypatch: pytest.MonkeyPatch) -> Non
     assert V.vmapped is not refuse
 
 
+@pytest.mark.parametrize(
+    ("width", "rows", "batched"),
+    [
+        (16, 8, True),  # small tasks: vmap
+        (320, 2, False),  # 103k adapted parameters per task (>= 1e5): the loop
+        (100, 500, False),  # 10k parameters x 1,000 examples (>= 1e7): the loop
+    ],
+)
+def test_auto_batches_only_small_tasks(
+    width: int, rows: int, batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` (and hvp_chain's batching over tasks) vmaps a vmap-safe model only below
+    ``vmap_pays``' sizes; above them it runs the per-task loop (BENCHMARKS.md: vmap measured
+    1.1-1.9x the loop there). Same meta-gradient either way."""
+    import metagrad.algorithms._task as TK
+
+    ran: list[str] = []
+    for name in ("vmapped", "adjoint_vmapped"):
+        real = getattr(A, name)
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            ran.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(A, name, counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)).to(D)
+    g = torch.Generator().manual_seed(1)
+    xs, xq = (torch.randn(2, rows, width, generator=g, dtype=D) for _ in range(2))
+    ys, yq = xs.sum(-1, keepdim=True).sin(), xq.sum(-1, keepdim=True).sin()
+    p = sum(t.numel() for t in model.parameters())
+    assert TK.vmap_pays(dict(model.named_parameters()), xs, xq) is batched, p
+    ref = mg.MAML(model, F.mse_loss, 0.01, 2, strategy="loop").meta_grad(xs, ys, xq, yq)
+    for strategy, engine in (("auto", "vmapped"), ("hvp_chain", "adjoint_vmapped")):
+        ran.clear()
+        got = mg.MAML(model, F.mse_loss, 0.01, 2, strategy=strategy).meta_grad(xs, ys, xq, yq)
+        assert (engine in ran) is batched, (strategy, ran)
+        assert _rel_dict(got, ref) < 1e-12, strategy
+
+
 @pytest.mark.parametrize("learner", ["metasgd", "mamlpp", "maml-adam", "maml-momentum"])
 @pytest.mark.parametrize("strategy", ["hvp_chain", "checkpoint"])
 def test_learned_rates_and_stateful_inner_optimizers_batched(

@@ -470,3 +470,20 @@ def test_a_closure_at_any_step_gets_its_exact_gradient(where: str, strategy: str
     assert len(got.foreign) == 1 and got.foreign[0][0] is tau
     assert want_tau != 0.0 and abs(float(got.foreign[0][1]) - want_tau) <= 1e-12 * abs(want_tau)
     assert abs(float(got.grads.h["lam"]) - want_lam) <= 1e-12 * abs(want_lam)
+
+
+@pytest.mark.parametrize("strategy", ["unroll", "adjoint", "checkpoint"])
+def test_nan_at_the_last_inner_step_is_named(strategy: str) -> None:
+    """The adjoint strategies' forward sweep stops at w_{K-1} (the top reverse step rebuilds the
+    last step with the outer objective): a NaN in the last step's batch, or in the outer
+    objective, is still reported with its step."""
+    pb, w0, (X, y) = _lin()
+    pb = dataclasses_replace(pb, steps=3)
+    bad_y = y.clone()
+    bad_y[0] = float("nan")
+    h = {"lam": torch.tensor(0.1, dtype=D, requires_grad=True)}
+    per_step = bilevel.PerStep([(X, y), (X, y), (X, bad_y)])
+    with pytest.raises(NonFiniteError, match=r"inner objective.*inner step 2"):
+        bilevel.hypergrad(pb, w0, h, per_step, (X, y), strategy=strategy)
+    with pytest.raises(NonFiniteError, match=r"outer objective"):
+        bilevel.hypergrad(pb, w0, h, (X, y), (X, bad_y), strategy=strategy)

@@ -123,6 +123,27 @@ def test_exact_strategies_equal_the_independent_unrolled_loop(name: str) -> None
         assert rel(flat_grads(res), ref) < 1e-10, strategy
 
 
+@pytest.mark.parametrize(
+    ("steps", "weights"),
+    [(1, None), (2, None), (4, (0.5, 0.0, 1.0, 0.0)), (5, (0.0, 0.0, 0.0, 0.0, 2.0))],
+)
+def test_adjoint_top_step_with_and_without_a_last_outer_weight(
+    steps: int, weights: tuple[float, ...] | None
+) -> None:
+    """The adjoint strategies' sweep stops at w_{K-1} where c_K != 0 (the top reverse step
+    rebuilds the last step with the outer objective) and runs to w_K where c_K = 0: both equal
+    the unrolled loop, value included, with a stateful optimizer and every hyperparameter."""
+    opt = OPTIMIZERS["adam"]()
+    X, y, Xv, yv = data()
+    w0, h = leaves()
+    pb = bilevel.Problem(inner, outer, opt, steps=steps, outer_weights=weights)
+    ref = bilevel.hypergrad(pb, w0, h, (X, y), (Xv, yv), strategy="unroll")
+    for strategy in ("adjoint", "checkpoint"):
+        res = bilevel.hypergrad(pb, w0, h, (X, y), (Xv, yv), strategy=strategy)
+        assert rel(flat_grads(res), flat_grads(ref)) < 1e-10, strategy
+        assert abs(float(res.value - ref.value)) <= 1e-12 * abs(float(ref.value)), strategy
+
+
 @pytest.mark.parametrize("name", ["sgd-nesterov", "adam"])
 def test_vmap_over_problems_equals_the_loop_over_problems(name: str) -> None:
     opt = OPTIMIZERS[name]()

@@ -224,6 +224,35 @@ class MetaResult:
     foreign: list[tuple[Tensor, Tensor]]
 
 
+#: ``auto`` runs the per-task loop instead of ``vmap`` from these sizes of one task on
+#: (measured on MLPs, 1 CPU thread, BENCHMARKS.md "vmap or the loop"): adapted parameters
+#: (per-task copies of more than ~0.4 MB spill the caches once batched) ...
+VMAP_MAX_PARAMS = 100_000
+#: ... or adapted parameters x (support + query) examples, a dense model's multiply-adds per
+#: forward (the BLAS kernels are already full on one task; vmap's batched kernels then only
+#: add traffic: separate bias adds, expanded copies).
+VMAP_MAX_WORK = 10_000_000
+
+
+def vmap_pays(w0: Params, xs: Tensor, xq: Tensor | None) -> bool:
+    r"""Whether batching the tasks with ``vmap`` is expected to beat the per-task loop.
+
+    With :math:`P` adapted parameter elements and :math:`N` support plus query examples per
+    task, ``vmap`` pays when :math:`T > 1`, :math:`P < 10^5` and :math:`P N < 10^7`: below
+    these the loop's per-operation dispatch, paid :math:`T` times, dominates; above them
+    one task already fills the kernels. :math:`P N` counts a dense model's work; a weight-
+    sharing model (convolutions, tokens) does more per parameter, so the rule keeps ``vmap``
+    there, as before it existed.
+    """
+    if xs.shape[0] == 1:  # the loop's work plus the transforms' fixed cost
+        return False
+    p = sum(t.numel() for t in w0.values())
+    rows = (xs.shape[1] if xs.dim() > 1 else 1) + (
+        xq.shape[1] if xq is not None and xq.dim() > 1 else 0
+    )
+    return p < VMAP_MAX_PARAMS and p * rows < VMAP_MAX_WORK
+
+
 def meta_gradient(
     objective: TaskLoss,
     spec: InnerSpec,
@@ -255,8 +284,8 @@ def meta_gradient(
     fm.sync_modes()
     xs, ys, xq, yq = tasks
     chosen = resolve_strategy(strategy, fm, spec.fn_name, spec.order, xs.device)
-    if strategy == "auto" and chosen == "vmap" and xs.shape[0] == 1 and not compile:
-        # vmap over a batch of one task is the loop's work plus the transforms' fixed cost
+    w0, h = split(spec, theta, extra, fm.buffers())
+    if strategy == "auto" and chosen == "vmap" and not compile and not vmap_pays(w0, xs, xq):
         chosen = "loop"
     if compile and chosen != "vmap":
         raise ValueError(
@@ -264,7 +293,6 @@ def meta_gradient(
             f"strategy={chosen!r} (norm layers, RNNs or custom layers). Use compile=False; "
             f"torch.compile measured no speed-up on the per-task loop of a conv+BN net."
         )
-    w0, h = split(spec, theta, extra, fm.buffers())
     problem = task_problem(spec, objective)
     try:
         res = hypergrad(
@@ -280,6 +308,7 @@ def meta_gradient(
             or (
                 chosen in ("hvp_chain", "checkpoint")
                 and resolve_strategy("auto", fm, spec.fn_name, spec.order, xs.device) == "vmap"
+                and vmap_pays(w0, xs, xq)
             ),
             batched=True,
             need_grad=need_grad,

@@ -73,11 +73,14 @@ def adjoint(
             foreign, foreign_tot = found, [None] * len(found)
         losses.append(obj)
         for j, g in gs.items():
-            accumulate(totals, j, None if g is None else g / P)
+            accumulate(totals, j, g)
         for j, g in enumerate(fgs):
             if g is not None:
                 prev = foreign_tot[j]
-                foreign_tot[j] = g / P if prev is None else prev + g / P
+                foreign_tot[j] = g if prev is None else prev + g
+    if P > 1:  # the mean over problems: one division of each sum
+        totals = {j: None if g is None else g / P for j, g in totals.items()}
+        foreign_tot = [None if g is None else g / P for g in foreign_tot]
     per = torch.stack(losses)
     pairs = [(t, g) for t, g in zip(foreign or [], foreign_tot) if g is not None]
     name = "adjoint" if every is None else "checkpoint"
@@ -108,18 +111,23 @@ class Iterates:
         self.n = n
         self.stride = stride = 1 if every is None else max(1, every)
         self.slot = {k: i for i, k in enumerate([*range(0, n, stride), n])}
-        self.kept = _Bank(start, len(self.slot))
+        self.start = start  # n == 0 (one inner step's top step): no copy to keep
+        self.kept = _Bank(start, len(self.slot)) if n > 0 else None
         state = start
         for k in range(n):
             if k in self.slot:
+                assert self.kept is not None
                 self.kept.put(self.slot[k], state)
             state = advance(*state, k)
-        self.kept.put(self.slot[n], state)
+        if self.kept is not None:
+            self.kept.put(self.slot[n], state)
         self.last = state  # (w_n, s_n)
         self.segment = _Bank(start, stride) if stride > 1 else None
         self.in_segment: list[int] = []  # the steps the segment bank holds, in slot order
 
     def get(self, k: int) -> tuple[Params, Any]:
+        if self.kept is None:
+            return self.start
         if k in self.slot:
             return self.kept.get(self.slot[k])
         assert self.segment is not None
@@ -180,10 +188,15 @@ def _one_problem(
         h_fwd = problem.hyper(h)
     unchecked = dataclasses.replace(problem, check_finite=False)
     start = {n: v.detach() for n, v in mp.w0.items()}
+    # With c_K != 0 the sweep stops at w_{K-1}: the top reverse step's rebuilt graph yields
+    # w_K as its primal and takes the outer gradient with it (one step and one outer forward
+    # fewer than sweeping to w_K; at K=1 the work of the unrolled loop).
+    c_top = problem.weight(K) if K > 0 else 0.0
+    top = c_top != 0.0
     iterates = Iterates(
         _detached_step(problem, optimizer, AutogradBackend(problem, at, False), h_fwd, inner_data),
         (start, optimizer.init(start)),
-        K,
+        K - 1 if top else K,
         every,
         # a segment rebuilt in the backward pass was checked when the sweep first computed it
         recompute=_detached_step(
@@ -211,10 +224,59 @@ def _one_problem(
 
     sample = next(iter(w.values()), None)
     objective = torch.zeros((), dtype=sample.dtype if sample is not None else torch.float32)
-    v: Params = {n: torch.zeros_like(x) for n, x in w.items()}
-    u_leaves = [torch.zeros_like(x) for x in pytree.tree_leaves(state) if isinstance(x, Tensor)]
+    v: Params = {} if top else {n: torch.zeros_like(x) for n, x in w.items()}
+    u_leaves = [
+        torch.zeros_like(x) for x in pytree.tree_leaves(state) if isinstance(x, Tensor) and not top
+    ]
     back = AutogradBackend(problem, at, create_graph=problem.order == 2)
-    for k in range(K, -1, -1):
+
+    def pull(j: int, v: Params | None, u_leaves: list[Tensor]) -> tuple[Params, list[Tensor]]:
+        """Backward through step ``j``: rebuild its graph from the stored iterate, one VJP of
+        ``(w_{j+1}, s_{j+1})`` with ``(v, u)`` (``v=None``: the top step, whose cotangent is
+        ``c_K g(w_K)`` instead), free it. Returns ``(v_j, u_j)``; phi's share is added."""
+        nonlocal objective
+        w_prev, s_prev = iterate(j)
+        with torch.enable_grad():
+            a = {n: x.detach().requires_grad_() for n, x in w_prev.items()}
+            s_flat, s_spec = pytree.tree_flatten(s_prev)
+            s_in = [x.detach().requires_grad_() if isinstance(x, Tensor) else x for x in s_flat]
+            s = pytree.tree_unflatten(s_in, s_spec)
+            # prepare(h) inside each step's graph, so its VJP reaches the raw h
+            hk = problem.hyper(h)
+            new, new_s, _ = inner_step(
+                problem, optimizer, back, a, hk, s, j, batch_at(problem, inner_data, j)
+            )
+            outs: list[tuple[Tensor, Tensor | None]]
+            if v is None:
+                q = problem.call_outer(new, hk, outer_data, j + 1)
+                if problem.check_finite:
+                    check_finite(problem.name, q, problem.outer_name, at, None, problem.unit)
+                objective = objective + c_top * q.detach()
+                outs = [(c_top * q, None)]
+            else:
+                new_s_leaves = [x for x in pytree.tree_leaves(new_s) if isinstance(x, Tensor)]
+                outs = [(new[n], v[n]) for n in new]
+                outs += list(zip(new_s_leaves, u_leaves))
+            outs = [(o, cot) for o, cot in outs if o.requires_grad]
+            s_tensors = [x for x in s_in if isinstance(x, Tensor)]
+            discover([o for o, _ in outs], [*a.values(), *s_tensors])
+            inputs = [*a.values(), *s_tensors, *phi, *foreign]
+            gs = (
+                torch.autograd.grad(
+                    [o for o, _ in outs], inputs, [cot for _, cot in outs], allow_unused=True
+                )
+                if outs
+                else (None,) * len(inputs)
+            )
+        na, ns = len(a), len(s_tensors)
+        v_j = {n: (torch.zeros_like(a[n]) if g is None else g) for n, g in zip(a, gs[:na])}
+        u_j = [torch.zeros_like(x) if g is None else g for x, g in zip(s_tensors, gs[na : na + ns])]
+        add_phi(gs[na + ns :])
+        return v_j, u_j
+
+    if top:
+        v, u_leaves = pull(K - 1, None, u_leaves)
+    for k in range(K - 1 if top else K, -1, -1):
         w_k = iterate(k)[0]
         c = problem.weight(k)
         if c != 0.0:
@@ -236,37 +298,7 @@ def _one_problem(
             add_phi(gs[len(a) :])
         if k == 0:
             break
-        # Backward through step k-1: rebuild its graph from the stored iterate, one VJP, free it.
-        w_prev, s_prev = iterate(k - 1)
-        with torch.enable_grad():
-            a = {n: x.detach().requires_grad_() for n, x in w_prev.items()}
-            s_flat, s_spec = pytree.tree_flatten(s_prev)
-            s_in = [x.detach().requires_grad_() if isinstance(x, Tensor) else x for x in s_flat]
-            s = pytree.tree_unflatten(s_in, s_spec)
-            # prepare(h) inside each step's graph, so its VJP reaches the raw h
-            hk = problem.hyper(h)
-            new, new_s, _ = inner_step(
-                problem, optimizer, back, a, hk, s, k - 1, batch_at(problem, inner_data, k - 1)
-            )
-            new_s_leaves = [x for x in pytree.tree_leaves(new_s) if isinstance(x, Tensor)]
-            outs = [(new[n], v[n]) for n in new] + list(zip(new_s_leaves, u_leaves))
-            outs = [(o, cot) for o, cot in outs if o.requires_grad]
-            s_tensors = [x for x in s_in if isinstance(x, Tensor)]
-            discover([o for o, _ in outs], [*a.values(), *s_tensors])
-            inputs = [*a.values(), *s_tensors, *phi, *foreign]
-            gs = (
-                torch.autograd.grad(
-                    [o for o, _ in outs], inputs, [cot for _, cot in outs], allow_unused=True
-                )
-                if outs
-                else (None,) * len(inputs)
-            )
-        na, ns = len(a), len(s_tensors)
-        v = {n: (torch.zeros_like(a[n]) if g is None else g) for n, g in zip(a, gs[:na])}
-        u_leaves = [
-            torch.zeros_like(x) if g is None else g for x, g in zip(s_tensors, gs[na : na + ns])
-        ]
-        add_phi(gs[na + ns :])
+        v, u_leaves = pull(k - 1, v, u_leaves)
     for n, j in w0_idx.items():
         accumulate(grads, j, v[n])
     return objective, grads, foreign_g, foreign
