@@ -205,3 +205,36 @@ def test_channels_last_conv_net_keeps_the_loop() -> None:
     ys = torch.arange(3).repeat(2, 1)
     learner.meta_grad(xs, ys, xq, ys)
     assert learner._vmap_ok is None
+
+
+@pytest.mark.parametrize(("width", "batched"), [(8, True), (320, False)])
+def test_batched_only_below_vmap_pays_sizes(
+    width: int, batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like MAML's ``auto``, iMAML batches a vmap-safe model only below ``vmap_pays``' sizes
+    (320-wide: 103,041 parameters, the loop); the gradient is the loop's either way."""
+    import metagrad.algorithms._imaml as IM
+
+    calls: list[int] = []
+    real = IM.solve_proximal
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(IM, "solve_proximal", counted)
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)).to(D)
+
+    g = torch.Generator().manual_seed(2)
+    xs, xq = (torch.randn(2, 3, width, generator=g, dtype=D) for _ in range(2))
+    ys, yq = xs.sum(-1, keepdim=True).sin(), xq.sum(-1, keepdim=True).sin()
+    kw = dict(inner_lr=0.01, inner_steps=2, lam=2.0, cg_steps=3)
+    auto = mg.IMAML(make(), F.mse_loss, **kw)  # type: ignore[arg-type]
+    loop = mg.IMAML(make(), F.mse_loss, **kw)  # type: ignore[arg-type]
+    loop._vmap_ok = False
+    got = auto.meta_grad(xs, ys, xq, yq)
+    assert bool(calls) is batched
+    assert _rel(got, loop.meta_grad(xs, ys, xq, yq)) < 1e-10

@@ -38,6 +38,7 @@ from metagrad.algorithms._task import (
     make_inner_optimizer,
     refuse_closed_update,
     refuse_learned_hyperparams,
+    vmap_pays,
 )
 from metagrad.bilevel import cg, custom_root
 from metagrad.bilevel._foreign import add_pairs, foreign_leaves
@@ -290,15 +291,18 @@ class IMAML(ImplicitLearner):
         closed-over tensors' gradients, or None.
 
         Where the default MAML strategy would vmap (vmap-safe models, not channels-last conv nets
-        on CPU), the inner solves run batched over tasks and the implicit solves as one batched CG
+        on CPU, tasks below :func:`~metagrad.algorithms._task.vmap_pays`' sizes), the inner
+        solves run batched over tasks and the implicit solves as one batched CG
         (:mod:`metagrad.algorithms._imaml_vmap`; per task the iterates of the loop's CG). None
         means "run the per-task loop": not vmap-safe, an op without a batching rule (logged once,
         then the loop for this learner), or a non-finite result (the loop then names task and
         step).
         """
-        if not self._batches_tasks(theta):
-            return None
         xs, ys, xq, yq = tasks
+        # The MAML rule for large dense tasks holds here too (iMAML, 1-640-640-1, 16 tasks:
+        # batched 1.55x the loop; BENCHMARKS.md "vmap or the loop").
+        if not self._batches_tasks(theta) or not vmap_pays(theta, xs, xq):
+            return None
         fwd = self.fmodel.forward
         try:
             t_star = solve_proximal(
