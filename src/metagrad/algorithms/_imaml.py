@@ -139,6 +139,9 @@ class IMAML(ImplicitLearner):
         self.last_cg: list[tuple[int, float]] = []  # (iterations, relative residual) per task
         # per task: ||F(t*, theta)|| / (1 + ||t*||), how far the inner problem is from solved
         self.last_residual: list[float] = []
+        # per task: whether CG met p^T (I + H/lam) p <= 0 (H has eigenvalues below -lam)
+        self.last_indefinite: list[bool] = []
+        self._warned_indefinite = False
 
     def default_eval_steps(self) -> int:
         return self.eval_steps
@@ -230,6 +233,7 @@ class IMAML(ImplicitLearner):
         info = root.last_result
         assert info is not None  # set by the call above
         self.last_cg.append((int(info.solve_iterations or 0), float(info.solve_residual or 0.0)))
+        self.last_indefinite.append(bool(info.solve_indefinite))
         self.last_residual.append(info.residual)
         if self.check_finite:
             check_finite(self.fn_name, q, "query loss", task, None)
@@ -258,10 +262,12 @@ class IMAML(ImplicitLearner):
         T = xs.shape[0]
         self.last_cg = []
         self.last_residual = []
+        self.last_indefinite = []
         if T > 1:
             batched = self._vmapped(theta, buffers, (xs, ys, xq, yq), steps, need_grad)
             if batched is not None:
                 per_task, grads, foreign = batched
+                self._warn_indefinite()
                 return per_task.mean(), grads, per_task, foreign
         total = {k: torch.zeros_like(v) for k, v in theta.items()}
         stray: dict[int, tuple[Tensor, Tensor]] = {}  # by id: the same tensor in every task
@@ -277,7 +283,25 @@ class IMAML(ImplicitLearner):
                 total[k] += g / T
             add_pairs(stray, pairs, 1.0 / T)
         per_task = torch.stack(losses)
+        self._warn_indefinite()
         return per_task.mean(), total, per_task, list(stray.values())
+
+    def _warn_indefinite(self) -> None:
+        """Warn (once per learner) when CG met non-positive curvature in any task."""
+        bad = [i for i, b in enumerate(self.last_indefinite) if b]
+        if bad and not self._warned_indefinite:
+            self._warned_indefinite = True
+            warnings.warn(
+                f"{self.fn_name}: CG met non-positive curvature of (1 + cg_damping) I + H / lam "
+                f"in task(s) {bad[:8]} of {len(self.last_indefinite)} (lam={self.lam}, "
+                f"cg_damping={self.cg_damping}): the inner Hessian H has eigenvalues below "
+                f"-lam there, so the implicit meta-gradient is unreliable (it can change "
+                f"completely with rounding, e.g. float32 against float64). Fix: raise lam or "
+                f"cg_damping; last_indefinite lists the tasks of the last call. Warned once "
+                f"per learner.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _vmapped(
         self,
@@ -337,6 +361,7 @@ class IMAML(ImplicitLearner):
             (int(i), float(r)) for i, r in zip(res.cg.iterations.tolist(), res.cg.residual.tolist())
         ]
         self.last_residual = [float(r) for r in res.residual.tolist()]
+        self.last_indefinite = [bool(b) for b in res.cg.indefinite.tolist()]
         return res.query, {k: g.mean(0) for k, g in res.grads.items()}, res.foreign
 
     def adapt(

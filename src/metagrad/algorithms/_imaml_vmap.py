@@ -37,11 +37,14 @@ class BatchedCG:
         x: solutions, each leaf ``[T, *shape]``.
         iterations: CG iterations each task ran, ``[T]`` (0 where its right-hand side is 0).
         residual: relative residuals :math:`\\|r_i\\| / \\|b_i\\|`, ``[T]`` (0 where ``b_i = 0``).
+        indefinite: ``[T]`` bools: task ``i`` met a direction with :math:`p^\\top (A_i +
+            \\text{shift}\\, I) p \\le 0` (as :attr:`metagrad.bilevel.SolveResult.indefinite`).
     """
 
     x: Params
     iterations: Tensor
     residual: Tensor
+    indefinite: Tensor
 
 
 def _dot(a: Params, b: Params) -> Tensor:
@@ -69,6 +72,7 @@ def batched_cg(
     b_norm = rs.sqrt()
     active = b_norm > 0
     iterations = torch.zeros_like(rs, dtype=torch.long)
+    indefinite = torch.zeros_like(rs, dtype=torch.bool)
     one = torch.ones_like(rs)
     for _ in range(steps):
         if not bool(active.any()):
@@ -76,7 +80,9 @@ def batched_cg(
         ap = matvec(p)
         if shift:
             ap = {k: ap[k] + shift * p[k] for k in ap}
-        alpha = torch.where(active, rs / torch.where(active, _dot(p, ap), one), 0.0)
+        pap = _dot(p, ap)
+        indefinite = indefinite | (active & (pap <= 0))  # CG assumes p^T A p > 0
+        alpha = torch.where(active, rs / torch.where(active, pap, one), 0.0)
         x = {k: x[k] + _col(alpha, x[k]) * p[k] for k in x}
         r = {k: r[k] - _col(alpha, r[k]) * ap[k] for k in r}
         rs_new = _dot(r, r)
@@ -88,7 +94,7 @@ def batched_cg(
         rs = torch.where(active, rs_new, rs)
         active = go
     residual = torch.where(b_norm > 0, rs.sqrt() / torch.where(b_norm > 0, b_norm, one), 0.0)
-    return BatchedCG(x, iterations, residual)
+    return BatchedCG(x, iterations, residual, indefinite)
 
 
 IMPLICIT_ONLY = "iMAML's implicit gradient depends on the inner solution only"

@@ -69,6 +69,8 @@ class RootInfo:
             a backward ran, or for a callable ``solve`` returning a plain dict).
         solve_residual: its relative residual :math:`\\|A^\\top u - b\\| / \\|b\\|`.
         solve_converged: whether it reached ``tol``.
+        solve_indefinite: whether ``solve="cg"`` met non-positive curvature (``dF/dw`` not
+            positive definite: the hypergradient is unreliable).
     """
 
     residual: float
@@ -76,6 +78,7 @@ class RootInfo:
     solve_iterations: int | None = None
     solve_residual: float | None = None
     solve_converged: bool | None = None
+    solve_indefinite: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -391,6 +394,15 @@ class ImplicitSolver:
                 f"NaN/Inf. Fix: add damping > 0 (dF/dw may be singular or indefinite), or use "
                 f"solve='normal_cg' if dF/dw is not symmetric positive definite."
             )
+        if result.indefinite:
+            warnings.warn(
+                f"{opts.fn_name}: CG met non-positive curvature (p^T A p <= 0) in the linear "
+                f"solve for the hypergradient of {name!r}: dF/dw is not positive definite at "
+                f"the solution, so the hypergradient is unreliable. Fix: add damping, or use "
+                f"solve='normal_cg' if dF/dw is not symmetric positive definite.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not result.converged:
             warnings.warn(
                 f"{opts.fn_name}: the linear solve (solve={self._solve_label()}) for the "
@@ -408,6 +420,7 @@ class ImplicitSolver:
                 solve_iterations=result.iterations if solved else None,
                 solve_residual=result.residual if solved else None,
                 solve_converged=result.converged if solved else None,
+                solve_indefinite=result.indefinite if solved else None,
             )
         with torch.enable_grad():
             # dL/dh = -(dF/dh)^T u, only for the h leaves that require grad (and the

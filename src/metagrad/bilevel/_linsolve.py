@@ -42,12 +42,16 @@ class SolveResult:
         residual: relative residual :math:`\\|A x - b\\| / \\|b\\|` of the system the solver
             iterated on (``0.0`` when :math:`b = 0`; the damped system for ``damping > 0``).
         converged: whether ``residual`` reached the requested tolerance.
+        indefinite: :func:`cg` met a direction with :math:`p^\\top A p \\le 0`, so :math:`A` is
+            not positive definite and CG's answer is unreliable (it can change completely with
+            rounding); ``False`` for the other solvers.
     """
 
     x: Params
     iterations: int
     residual: float
     converged: bool
+    indefinite: bool = False
 
 
 def _norm(v: Params) -> float:
@@ -146,9 +150,12 @@ def cg(
         # x = 0 solves it exactly; iterating would divide 0 by 0.
         return SolveResult(x, 0, 0.0, True)
     it = 0
+    indefinite = False
     for it in range(1, steps + 1):  # noqa: B007 (the count is returned)
         ap = op(p)
-        alpha = rs / tree_vdot(p, ap)
+        pap = tree_vdot(p, ap)
+        indefinite = indefinite or float(pap) <= 0.0  # CG assumes p^T A p > 0
+        alpha = rs / pap
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, ap, r)
         rs_new = tree_vdot(r, r)
@@ -158,7 +165,7 @@ def cg(
         p = _axpy(rs_new / rs, p, r)
         rs = rs_new
     residual = float(rs.sqrt()) / b_norm
-    return SolveResult(x, it, residual, residual <= tol)
+    return SolveResult(x, it, residual, residual <= tol, indefinite)
 
 
 def normal_cg(
