@@ -73,6 +73,7 @@ def batched_cg(
     active = b_norm > 0
     iterations = torch.zeros_like(rs, dtype=torch.long)
     indefinite = torch.zeros_like(rs, dtype=torch.bool)
+    floor = float(torch.finfo(rs.dtype).eps) ** 0.5
     one = torch.ones_like(rs)
     for _ in range(steps):
         if not bool(active.any()):
@@ -81,7 +82,9 @@ def batched_cg(
         if shift:
             ap = {k: ap[k] + shift * p[k] for k in ap}
         pap = _dot(p, ap)
-        indefinite = indefinite | (active & (pap <= 0))  # CG assumes p^T A p > 0
+        # CG assumes p^T A p > 0 (counted above the rounding floor, as bilevel.cg does)
+        live = active & (rs.sqrt() > floor * b_norm)
+        indefinite = indefinite | (live & (pap <= 0))
         alpha = torch.where(active, rs / torch.where(active, pap, one), 0.0)
         x = {k: x[k] + _col(alpha, x[k]) * p[k] for k in x}
         r = {k: r[k] - _col(alpha, r[k]) * ap[k] for k in r}

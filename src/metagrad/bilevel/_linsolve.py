@@ -151,10 +151,14 @@ def cg(
         return SolveResult(x, 0, 0.0, True)
     it = 0
     indefinite = False
+    floor = _rounding_floor(b)
     for it in range(1, steps + 1):  # noqa: B007 (the count is returned)
         ap = op(p)
         pap = tree_vdot(p, ap)
-        indefinite = indefinite or float(pap) <= 0.0  # CG assumes p^T A p > 0
+        # CG assumes p^T A p > 0; below the rounding floor of the residual a PD system can
+        # show p^T A p <= 0 from rounding alone, so only a live direction counts.
+        live = float(rs.sqrt()) > floor * b_norm
+        indefinite = indefinite or (live and float(pap) <= 0.0)
         alpha = rs / pap
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, ap, r)
@@ -166,6 +170,13 @@ def cg(
         rs = rs_new
     residual = float(rs.sqrt()) / b_norm
     return SolveResult(x, it, residual, residual <= tol, indefinite)
+
+
+def _rounding_floor(b: Params) -> float:
+    """sqrt(machine epsilon) of ``b``'s dtype: the relative residual below which CG's
+    curvature signs are rounding noise."""
+    t = next(iter(b.values()))
+    return float(torch.finfo(t.dtype).eps) ** 0.5 if t.is_floating_point() else 0.0
 
 
 def normal_cg(
