@@ -225,9 +225,11 @@ def _one_problem(
     sample = next(iter(w.values()), None)
     objective = torch.zeros((), dtype=sample.dtype if sample is not None else torch.float32)
     v: Params = {} if top else {n: torch.zeros_like(x) for n, x in w.items()}
-    u_leaves = [
-        torch.zeros_like(x) for x in pytree.tree_leaves(state) if isinstance(x, Tensor) and not top
-    ]
+    u_leaves = (
+        []
+        if top
+        else [torch.zeros_like(x) for x in pytree.tree_leaves(state) if isinstance(x, Tensor)]
+    )
     back = AutogradBackend(problem, at, create_graph=problem.order == 2)
 
     def pull(j: int, v: Params | None, u_leaves: list[Tensor]) -> tuple[Params, list[Tensor]]:

@@ -152,18 +152,20 @@ def cg(
     it = 0
     indefinite = False
     floor = _rounding_floor(b)
+    r_norm = b_norm  # float(rs.sqrt()) of the current residual
     for it in range(1, steps + 1):  # noqa: B007 (the count is returned)
         ap = op(p)
         pap = tree_vdot(p, ap)
         # CG assumes p^T A p > 0; below the rounding floor of the residual a PD system can
         # show p^T A p <= 0 from rounding alone, so only a live direction counts.
-        live = float(rs.sqrt()) > floor * b_norm
+        live = r_norm > floor * b_norm
         indefinite = indefinite or (live and float(pap) <= 0.0)
         alpha = rs / pap
         x = _axpy(alpha, p, x)
         r = _axpy(-alpha, ap, r)
         rs_new = tree_vdot(r, r)
-        if float(rs_new.sqrt()) <= tol * b_norm:
+        r_norm = float(rs_new.sqrt())
+        if r_norm <= tol * b_norm:
             rs = rs_new
             break
         p = _axpy(rs_new / rs, p, r)
