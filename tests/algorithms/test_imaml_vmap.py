@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -209,20 +210,13 @@ def test_channels_last_conv_net_keeps_the_loop() -> None:
 
 @pytest.mark.parametrize(("width", "batched"), [(8, True), (320, False)])
 def test_batched_only_below_vmap_pays_sizes(
-    width: int, batched: bool, monkeypatch: pytest.MonkeyPatch
+    width: int, batched: bool, count_calls: Callable[[object, str], list[int]]
 ) -> None:
     """Like MAML's ``auto``, iMAML batches a vmap-safe model only below ``vmap_pays``' sizes
     (320-wide: 103,041 parameters, the loop); the gradient is the loop's either way."""
     import metagrad.algorithms._imaml as IM
 
-    calls: list[int] = []
-    real = IM.solve_proximal
-
-    def counted(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(IM, "solve_proximal", counted)
+    calls = count_calls(IM, "solve_proximal")
 
     def make() -> nn.Module:
         torch.manual_seed(0)

@@ -10,6 +10,7 @@ and a NaN is still named with its problem and step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,17 +29,9 @@ P, N, DIM = 3, 12, 3
 
 
 @pytest.fixture
-def spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def spy(count_calls: Callable[[object, str], list[int]]) -> list[int]:
     """Counts calls of the batched adjoint (so a test knows which path ran)."""
-    calls: list[int] = []
-    real = A.adjoint_vmapped
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(A, "adjoint_vmapped", counted)
-    return calls
+    return count_calls(A, "adjoint_vmapped")
 
 
 def _rel_dict(a: dict[str, Tensor | None], b: dict[str, Tensor | None]) -> float:
@@ -271,22 +264,14 @@ def test_one_task_runs_the_loop_not_vmap(monkeypatch: pytest.MonkeyPatch) -> Non
     ],
 )
 def test_auto_batches_only_small_tasks(
-    width: int, rows: int, batched: bool, monkeypatch: pytest.MonkeyPatch
+    width: int, rows: int, batched: bool, count_calls: Callable[[object, str], list[int]]
 ) -> None:
     """``auto`` (and hvp_chain's batching over tasks) vmaps a vmap-safe model only below
     ``vmap_pays``' sizes; above them it runs the per-task loop (BENCHMARKS.md: vmap measured
     1.1-1.9x the loop there). Same meta-gradient either way."""
     import metagrad.algorithms._task as TK
 
-    ran: list[str] = []
-    for name in ("vmapped", "adjoint_vmapped"):
-        real = getattr(A, name)
-
-        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
-            ran.append(_name)
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(A, name, counted)
+    calls = {name: count_calls(A, name) for name in ("vmapped", "adjoint_vmapped")}
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)).to(D)
     g = torch.Generator().manual_seed(1)
@@ -296,9 +281,9 @@ def test_auto_batches_only_small_tasks(
     assert TK.vmap_pays(dict(model.named_parameters()), xs, xq) is batched, p
     ref = mg.MAML(model, F.mse_loss, 0.01, 2, strategy="loop").meta_grad(xs, ys, xq, yq)
     for strategy, engine in (("auto", "vmapped"), ("hvp_chain", "adjoint_vmapped")):
-        ran.clear()
+        calls[engine].clear()
         got = mg.MAML(model, F.mse_loss, 0.01, 2, strategy=strategy).meta_grad(xs, ys, xq, yq)
-        assert (engine in ran) is batched, (strategy, ran)
+        assert bool(calls[engine]) is batched, strategy
         assert _rel_dict(got, ref) < 1e-12, strategy
 
 

@@ -361,7 +361,7 @@ def test_checkpoint_stride_keeps_every_iterate_only_where_segments_save_nothing(
 
 @pytest.mark.parametrize("name", ["sgd-nesterov", "adam"])
 def test_checkpoint_segments_recomputed_equal_the_independent_loop(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str, monkeypatch: pytest.MonkeyPatch, count_calls: Callable[[object, str], list[int]]
 ) -> None:
     """K = 10 (stride 4): the checkpoint strategy rebuilds segments, per problem and batched
     over problems, and still equals the independent unrolled loop (float64)."""
@@ -378,14 +378,7 @@ def test_checkpoint_segments_recomputed_equal_the_independent_loop(
     monkeypatch.setattr(ADJ.Iterates, "get", get)
     import metagrad.bilevel._api as API
 
-    batched_calls: list[int] = []
-    real_batched = API.adjoint_vmapped
-
-    def counted(*args: object, **kwargs: object) -> object:
-        batched_calls.append(1)
-        return real_batched(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(API, "adjoint_vmapped", counted)
+    batched_calls = count_calls(API, "adjoint_vmapped")
     opt = OPTIMIZERS[name]()
     X, y, Xv, yv = data()
     ref = torch.cat([g.reshape(-1) for g in reference(opt, 10)])

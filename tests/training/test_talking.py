@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,18 +162,13 @@ def test_learning_curves_legend_names_steps_and_ci(
 
 
 def test_eval_json_evaluates_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    count_calls: Callable[[object, str], list[int]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "run"
     assert run(["train", "sinusoid", "--output", str(out), *TINY, "--no-plots"]) == 0
-    calls = []
-    real = Trainer.evaluate
-
-    def counted(self: Trainer, *a: Any, **k: Any) -> Any:
-        calls.append(1)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(Trainer, "evaluate", counted)
+    calls = count_calls(Trainer, "evaluate")
     capsys.readouterr()
     assert run(["eval", str(out), "--tasks", "2", "--json"]) == 0
     assert len(calls) == 1
