@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -96,6 +97,13 @@ def _cell(workload: str, strategy: str, steps: int, repeats: int) -> dict[str, f
     return {"peak_mb": (after - before) / 1024.0, "ms": 1000 * statistics.median(times)}
 
 
+def _mb_ms(r: dict[str, float]) -> str:
+    """One table cell: ``MB / ms``, or why the cell has no numbers."""
+    if math.isnan(r["ms"]):
+        return "not run (~6 GB)" if "error" not in r else "failed"
+    return f"{r['peak_mb']:.1f} / {r['ms']:.0f}"
+
+
 def _run_cell(workload: str, strategy: str, steps: int, repeats: int) -> dict[str, float]:
     res, err = run_cell("bench_memory", workload, strategy, steps, repeats)
     if err is not None:
@@ -164,10 +172,7 @@ def main() -> None:
             "|---|" + "---|" * len(steps_list),
         ]
         for strategy in STRATEGIES:
-            cells = [
-                f"{results[workload][strategy][k]['peak_mb']:.1f} / {results[workload][strategy][k]['ms']:.0f}"
-                for k in steps_list
-            ]
+            cells = [_mb_ms(results[workload][strategy][k]) for k in steps_list]
             lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
         fo = results[workload]["first_order"]
         lines += ["", "Ratios to first order (memory) and to the default strategy (time):", ""]
@@ -183,9 +188,8 @@ def main() -> None:
                     fo[k],
                     results[workload]["default"][k],
                 )
-                cells.append(
-                    f"{r['peak_mb'] / max(f['peak_mb'], 1e-9):.2f}x, {r['ms'] / c['ms']:.2f}x"
-                )
+                time_ratio = "—" if math.isnan(c["ms"]) else f"{r['ms'] / c['ms']:.2f}x"
+                cells.append(f"{r['peak_mb'] / max(f['peak_mb'], 1e-9):.2f}x, {time_ratio}")
             lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
