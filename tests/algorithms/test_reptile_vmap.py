@@ -62,6 +62,24 @@ def test_vmapped_tasks_equal_the_loop(inner_optimizer: str) -> None:
         assert float((got[1:] - ref).norm() / ref.norm()) < 1e-13
 
 
+def test_batches_above_the_second_order_size_rule() -> None:
+    """First-order Reptile keeps vmap where MAML's ``vmap_pays`` picks the loop (measured)."""
+    from metagrad.algorithms._task import vmap_pays
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 320), nn.Tanh(), nn.Linear(320, 320), nn.Tanh(),
+                          nn.Linear(320, 1)).to(D)  # fmt: skip
+    tasks = _tasks(T=3)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    assert not vmap_pays(params, tasks[0], tasks[2])  # 103k parameters: MAML would loop
+    learner = mg.Reptile(model, F.mse_loss, inner_lr=0.01, inner_steps=2)
+    got = _direction(learner, model, tasks)
+    assert learner._vmap_ok is True
+    learner._vmap_ok = False
+    want = _direction(learner, model, tasks)
+    assert float((got - want).norm() / want.norm()) < 1e-12
+
+
 def test_nan_falls_back_to_the_loop_that_names_task_and_step() -> None:
     model = _model().to(D)
     xs, ys, xq, yq = _tasks()

@@ -173,8 +173,10 @@ class Learner(nn.Module, ABC):
         return self.meta_result(xs, ys, xq, yq).grads
 
     # -- shared helpers ---------------------------------------------------------------------
-    # Learners with a task loop of their own (Reptile, iMAML) batch it in one vmap where MAML's
-    # "auto" would. None: not decided yet; False: vmap failed once on this model (the loop runs).
+    # Learners with a task loop of their own (Reptile, iMAML) batch it in one vmap on the models
+    # where MAML's "auto" would; iMAML also applies the size rule (vmap_pays), first-order
+    # Reptile measured faster batched without it. None: not decided yet; False: vmap failed once
+    # on this model (the loop runs).
     _vmap_ok: bool | None = None
 
     def _batches_tasks(self, theta: Params) -> bool:

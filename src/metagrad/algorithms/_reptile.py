@@ -168,8 +168,10 @@ class Reptile(UnrolledLearner):
         """Per-task query losses and adapted weights of all tasks in one ``vmap``, or None.
 
         Reptile's tasks are independent first-order inner loops, so ``vmap`` runs them at once
-        where the default MAML strategy would (vmap-safe models, not channels-last conv nets on
-        CPU). None means "run the per-task loop": the model is not vmap-safe, an op has no
+        on vmap-safe models (not channels-last conv nets on CPU). MAML's size rule
+        (``vmap_pays``) is not applied: without the double backward's parameter-sized batched
+        temporaries, batching measured faster than the loop up to 412k parameters (BENCHMARKS.md,
+        2026-12-03 later). None means "run the per-task loop": the model is not vmap-safe, an op has no
         batching rule (logged once, then the loop is used for this learner), or a result is not
         finite (the loop then raises the error that names the task and step).
         """
