@@ -171,8 +171,10 @@ def test_with_hyperparams_round_trip() -> None:
     grads = grads_at(params)
     a, _ = swapped.update(grads, swapped.init(params), params, 0)
     b, _ = direct.update(grads, direct.init(params), params, 0)
+    # Tensor hyperparameters and Python floats round 1 - beta etc. differently, and SIMD
+    # paths differ across CPUs: equal to a few ulps, not bitwise (CI saw 1.5e-15).
     for k in params:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-15, atol=0)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-13, atol=0)
 
 
 def test_eps_root_keeps_second_order_finite_at_zero_gradient() -> None:
