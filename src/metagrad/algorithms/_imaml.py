@@ -139,7 +139,8 @@ class IMAML(ImplicitLearner):
         self.last_cg: list[tuple[int, float]] = []  # (iterations, relative residual) per task
         # per task: ||F(t*, theta)|| / (1 + ||t*||), how far the inner problem is from solved
         self.last_residual: list[float] = []
-        # per task: whether CG met p^T (I + H/lam) p <= 0 (H has eigenvalues below -lam)
+        # per task: whether CG met p^T ((1 + d) I + H/lam) p <= 0 (H has an eigenvalue below
+        # -lam (1 + d), d = cg_damping)
         self.last_indefinite: list[bool] = []
         self._warned_indefinite = False
 
@@ -295,7 +296,7 @@ class IMAML(ImplicitLearner):
                 f"{self.fn_name}: CG met non-positive curvature of (1 + cg_damping) I + H / lam "
                 f"in task(s) {bad[:8]} of {len(self.last_indefinite)} (lam={self.lam}, "
                 f"cg_damping={self.cg_damping}): the inner Hessian H has eigenvalues below "
-                f"-lam there, so the implicit meta-gradient is unreliable (it can change "
+                f"-lam (1 + cg_damping) = {-self.lam * (1 + self.cg_damping):g} there, so the implicit meta-gradient is unreliable (it can change "
                 f"completely with rounding, e.g. float32 against float64). Fix: raise lam or "
                 f"cg_damping; last_indefinite lists the tasks of the last call. Warned once "
                 f"per learner.",
