@@ -19,22 +19,33 @@ import torch
 
 from metagrad.training._trainer import Trainer
 
-RUNS = ("omniglot-5w1s-imaml", "omniglot-20w1s-imaml", "omniglot-20w1s-imaml-l1")
+# (run, cg_damping to evaluate with; None = the run's own)
+RUNS: tuple[tuple[str, float | None], ...] = (
+    ("omniglot-5w1s-imaml", None),
+    ("omniglot-20w1s-imaml", None),
+    ("omniglot-20w1s-imaml-l1", None),
+    ("omniglot-20w1s-imaml-l1", 10.0),  # the same checkpoint, more damping
+    ("omniglot-20w1s-imaml-l1", 100.0),
+    ("omniglot-20w1s-imaml-d10", None),  # trained with cg_damping 10
+)
 
 
 def main() -> None:
-    torch.manual_seed(0)
     warnings.simplefilter("ignore")  # the indefinite-CG warning is what we count here
     out = {}
-    for run in RUNS:
+    for run, damping in RUNS:
+        torch.manual_seed(0)  # every entry sees the same 8 training tasks of its sampler
         tr = Trainer.from_checkpoint(
             f"results/algorithms/{run}/checkpoint.pt", overrides={"data": "../shared/data/omniglot"}
         )
         learner = tr.learner.double()
+        if damping is not None:
+            learner.cg_damping = damping
+        key = run if damping is None else f"{run}@cg_damping={damping:g}"
         b = tr.samplers["train"].sample(8)
         learner.meta_grad(b.xs.double(), b.ys, b.xq.double(), b.yq)
         res = [r for _, r in learner.last_cg]
-        out[run] = {
+        out[key] = {
             "lam": learner.lam,
             "cg_damping": learner.cg_damping,
             "cg_steps": learner.cg_steps,
@@ -43,7 +54,7 @@ def main() -> None:
             "median_relative_residual": statistics.median(res),
             "relative_residuals": res,
         }
-        print(run, out[run], flush=True)
+        print(key, out[key], flush=True)
     out["_about"] = {"dtype": "float64", "torch": torch.__version__, "split": "train"}
     with open("results/algorithms/pilots/imaml-cg-curvature.json", "w") as fh:
         json.dump(out, fh, indent=2)

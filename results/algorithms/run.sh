@@ -56,9 +56,13 @@ OMP_NUM_THREADS=1 train omniglot-20w5s-maml omniglot --shots 5 $O20 --iterations
 # iMAML 20-way: the 5-way iMAML settings (not re-tuned for 20 classes), 0/1/5/16 test steps.
 OMP_NUM_THREADS=1 train omniglot-20w1s-imaml omniglot --algorithm imaml $O20 \
   --inner-steps 16 --inner-lr 0.1 --imaml-lam 0.5 --cg-damping 1.0 --cg-steps 5 --test-steps 0,1,5,16
-# and with lambda 1 (the reference code's default; 2 threads, alone): the row validation picks
+# and with lambda 1 (the reference code's default; 2 threads, alone): validation picks it over 0.5
 OMP_NUM_THREADS=2 train omniglot-20w1s-imaml-l1 omniglot --algorithm imaml $O20 \
   --inner-steps 16 --inner-lr 0.1 --imaml-lam 1.0 --cg-damping 1.0 --cg-steps 5 --test-steps 0,1,5,16
+# and with CG damping 10, which makes the lambda-1 checkpoint's CG systems definite
+# (imaml_curvature.py; 2 threads, alone, on the AMD EPYC: ~6.2 s an iteration)
+OMP_NUM_THREADS=2 train omniglot-20w1s-imaml-d10 omniglot --algorithm imaml $O20 \
+  --inner-steps 16 --inner-lr 0.1 --imaml-lam 1.0 --cg-damping 10.0 --cg-steps 5 --test-steps 0,1,5,16
 
 # 20-way with the MAML paper's inner loop (5 steps at 0.1 on the mean cross-entropy) at
 # meta-batch 8 and at the paper's 16, the column's 500 iterations; 1 thread each, side by side.
