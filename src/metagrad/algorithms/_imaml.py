@@ -296,7 +296,8 @@ class IMAML(ImplicitLearner):
                 f"{self.fn_name}: CG met non-positive curvature of (1 + cg_damping) I + H / lam "
                 f"in task(s) {bad[:8]} of {len(self.last_indefinite)} (lam={self.lam}, "
                 f"cg_damping={self.cg_damping}): the inner Hessian H has eigenvalues below "
-                f"-lam (1 + cg_damping) = {-self.lam * (1 + self.cg_damping):g} there, so the implicit meta-gradient is unreliable (it can change "
+                f"-lam (1 + cg_damping) = {-self.lam * (1 + self.cg_damping):g} there, so the "
+                f"implicit meta-gradient is unreliable (it can change "
                 f"completely with rounding, e.g. float32 against float64). Fix: raise lam or "
                 f"cg_damping; last_indefinite lists the tasks of the last call. Warned once "
                 f"per learner.",
