@@ -157,6 +157,50 @@ def test_imaml_bad_options(kwargs: dict[str, float], match: str) -> None:
         mg.IMAML(_mlp(), F.mse_loss, **kwargs)  # type: ignore[arg-type]
 
 
+def _gd(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int, lam: float
+) -> dict[str, torch.Tensor]:
+    """Hand-written proximal gradient descent from the model's weights (lam 0: plain GD)."""
+    anchor = {n: p.detach() for n, p in model.named_parameters()}
+    t = dict(anchor)
+    for _ in range(steps):
+        a = {n: v.detach().requires_grad_() for n, v in t.items()}
+        loss = F.mse_loss(functional_call(model, a, (x,)), y)
+        loss = loss + 0.5 * lam * sum(((a[n] - anchor[n]) ** 2).sum() for n in a)
+        gs = torch.autograd.grad(loss, list(a.values()))
+        t = {n: v - lr * g for (n, v), g in zip(a.items(), gs)}
+    return {n: v.detach() for n, v in t.items()}
+
+
+def test_eval_lam_sets_the_test_time_problem_only() -> None:
+    """adapt() solves the eval_lam problem (0: plain GD, as the reference code evaluates);
+    meta_grad() still differentiates the lam problem, so it does not change."""
+    xs, ys, xq, yq = _tasks()
+    model = _mlp()
+    kw = {"inner_lr": 0.1, "inner_steps": 12, "lam": 2.0, "cg_steps": 10}
+    default = mg.IMAML(model, F.mse_loss, **kw)  # type: ignore[arg-type]
+    plain = mg.IMAML(model, F.mse_loss, eval_lam=0.0, **kw)  # type: ignore[arg-type]
+    weak = mg.IMAML(model, F.mse_loss, eval_lam=0.5, **kw)  # type: ignore[arg-type]
+    assert (default.eval_lam, plain.eval_lam, weak.eval_lam) == (2.0, 0.0, 0.5)
+    for learner, lam in ((default, 2.0), (plain, 0.0), (weak, 0.5)):
+        got = learner.adapt(xs[0], ys[0], steps=7)
+        ref = _gd(model, xs[0], ys[0], 0.1, 7, lam)
+        num = sum(((got[n] - ref[n]) ** 2).sum() for n in ref) ** 0.5
+        den = sum((ref[n] ** 2).sum() for n in ref) ** 0.5
+        assert float(num / den) < 1e-14, lam
+    # the three solutions differ: the proximal term acts
+    a0, a2 = plain.adapt(xs[0], ys[0], steps=7), default.adapt(xs[0], ys[0], steps=7)
+    assert max(float((a0[n] - a2[n]).abs().max()) for n in a0) > 1e-3
+    g_default, g_plain = default.meta_grad(xs, ys, xq, yq), plain.meta_grad(xs, ys, xq, yq)
+    assert all(torch.equal(g_default[k], g_plain[k]) for k in g_default)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0"])
+def test_imaml_bad_eval_lam(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"metagrad.IMAML: eval_lam=.* must be None \(use lam\)"):
+        mg.IMAML(_mlp(), F.mse_loss, eval_lam=bad)  # type: ignore[arg-type]
+
+
 def test_imaml_nan_names_task_and_step() -> None:
     xs, ys, xq, yq = _tasks()
     ys = ys.clone()

@@ -83,6 +83,34 @@ def test_cg_damping_reaches_the_imaml_learner(tmp_path: Path) -> None:
         validate(cfg.replace(cg_damping=-1.0))
 
 
+def test_imaml_eval_lam_in_train_and_eval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--imaml-eval-lam reaches the learner and results.json, and eval may override it: the
+    same checkpoint scores differently with and without the proximal term at test time."""
+    out = tmp_path / "imaml"
+    assert run(["train", "sinusoid", "--algorithm", "imaml", "--inner-steps", "3",
+                "--imaml-eval-lam", "0", "--output", str(out), *TINY]) == 0  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["config"]["imaml_eval_lam"] == 0.0
+    capsys.readouterr()
+
+    def loss_after_2(extra: list[str]) -> float:
+        assert run(["eval", str(out), "--tasks", "3", "--test-steps", "2", "--json", *extra]) == 0
+        row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+        return float(row["loss"])
+
+    plain, prox = loss_after_2([]), loss_after_2(["--imaml-eval-lam", "50"])
+    assert plain == loss_after_2([]) and plain != prox
+    with pytest.raises(SystemExit):
+        run(["eval", str(out), "--imaml-eval-lam", "-1"])
+    assert "--imaml-eval-lam: expected a number >= 0, got '-1'" in capsys.readouterr().err
+    maml = tmp_path / "maml"
+    assert run(["train", "sinusoid", "--output", str(maml), *TINY]) == 0
+    capsys.readouterr()
+    assert run(["eval", str(maml), "--imaml-eval-lam", "0"]) == 2
+    _one_line_error(capsys, "eval", "imaml_eval_lam applies to iMAML; algorithm='maml'")
+
+
 def test_train_fraction_is_recorded_and_shrinks_the_training_classes(
     tmp_path: Path, omniglot_zips: Path
 ) -> None:

@@ -83,6 +83,11 @@ class IMAML(ImplicitLearner):
         cg_steps: conjugate-gradient iterations for :math:`(I + H/\lambda)^{-1}`.
         cg_damping: adds ``cg_damping * I`` to the system for robustness with indefinite ``H``.
         eval_steps: default steps of :meth:`adapt` (default ``inner_steps``).
+        eval_lam: proximal strength of test-time adaptation (:meth:`adapt`, hence
+            :func:`metagrad.training.evaluate`); ``None`` (default) uses ``lam``, ``0`` adapts by
+            plain inner-optimizer steps on the support loss, as the iMAML reference code
+            evaluates. Meta-training and :meth:`meta_loss` always solve the ``lam`` problem,
+            which the implicit gradient differentiates.
         inner_optimizer: ``"sgd"`` (default), ``"momentum"``, ``"adam"`` or an optimizer object.
         bn: BatchNorm policy (see :class:`metagrad.MAML`).
         memory_format: ``"auto"`` (default: channels-last activations for stock ``torch.nn``
@@ -112,6 +117,7 @@ class IMAML(ImplicitLearner):
         cg_steps: int = 5,
         cg_damping: float = 0.0,
         eval_steps: int | None = None,
+        eval_lam: float | None = None,
         inner_optimizer: str | optim.Optimizer = "sgd",
         bn: str = "transductive",
         memory_format: str = "auto",
@@ -128,7 +134,18 @@ class IMAML(ImplicitLearner):
             isinstance(cg_damping, (int, float)) and math.isfinite(cg_damping) and cg_damping >= 0
         ):
             raise ValueError(f"{fn}: cg_damping={cg_damping!r} must be a finite number >= 0.")
+        if eval_lam is not None and not (
+            isinstance(eval_lam, (int, float))
+            and not isinstance(eval_lam, bool)
+            and math.isfinite(eval_lam)
+            and eval_lam >= 0
+        ):
+            raise ValueError(
+                f"{fn}: eval_lam={eval_lam!r} must be None (use lam) or a finite number >= 0 "
+                f"(0: unregularized test-time adaptation)."
+            )
         self.lam, self.cg_steps, self.cg_damping = float(lam), cg_steps, float(cg_damping)
+        self.eval_lam = self.lam if eval_lam is None else float(eval_lam)
         self.inner_optimizer = make_inner_optimizer(inner_optimizer, fn)
         refuse_learned_hyperparams(
             self.inner_optimizer,
@@ -148,9 +165,18 @@ class IMAML(ImplicitLearner):
         return self.eval_steps
 
     def solve_inner(
-        self, theta: Params, buffers: Buffers, x: Tensor, y: Tensor, steps: int, task: int = 0
+        self,
+        theta: Params,
+        buffers: Buffers,
+        x: Tensor,
+        y: Tensor,
+        steps: int,
+        task: int = 0,
+        lam: float | None = None,
     ) -> Params:
-        r"""Approximate :math:`t^\star` by ``steps`` optimizer steps on the proximal objective."""
+        r"""Approximate :math:`t^\star` by ``steps`` optimizer steps on the proximal objective
+        with strength ``lam`` (default ``self.lam``; 0: the support loss alone)."""
+        lam = self.lam if lam is None else lam
         anchor = {k: v.detach() for k, v in theta.items()}
         t = dict(anchor)
         state = self.inner_optimizer.init(t)
@@ -159,8 +185,9 @@ class IMAML(ImplicitLearner):
             with torch.enable_grad():
                 a = {n: v.detach().requires_grad_() for n, v in t.items()}
                 support = self.loss_fn(self.fmodel.forward(a, buffers, x), y)
-                prox = sum(((a[n] - anchor[n]) ** 2).sum() for n in a)
-                loss = support + 0.5 * self.lam * prox
+                loss = support
+                if lam:
+                    loss = loss + 0.5 * lam * sum(((a[n] - anchor[n]) ** 2).sum() for n in a)
                 if self.check_finite:
                     check_finite(self.fn_name, loss, "proximal support loss", task, k)
                 grads = dict(zip(a, torch.autograd.grad(loss, list(a.values()))))
@@ -369,7 +396,8 @@ class IMAML(ImplicitLearner):
     def adapt(
         self, x: Tensor, y: Tensor, steps: int | None = None, *, differentiable: bool = False
     ) -> Params:
-        """Approximate the proximal inner solution for one task (detached)."""
+        """Approximate the inner solution for one task (detached), with proximal strength
+        ``eval_lam``."""
         if differentiable:
             raise ValueError(
                 f"{self.fn_name}.adapt: differentiable=True is not available for iMAML, whose "
@@ -379,4 +407,5 @@ class IMAML(ImplicitLearner):
         x, y = check_task(fn, x, y, *self._dtype_device())
         steps = self.eval_steps if steps is None else check_steps(fn, "steps", steps)
         self.fmodel.sync_modes()
-        return self.solve_inner(self.fmodel.params(), self.fmodel.buffers(), x, y, steps)
+        theta, buffers = self.fmodel.params(), self.fmodel.buffers()
+        return self.solve_inner(theta, buffers, x, y, steps, lam=self.eval_lam)

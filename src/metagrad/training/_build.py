@@ -223,6 +223,7 @@ def make_learner(cfg: TrainConfig, model: nn.Module) -> MAML | Reptile | IMAML:
         return IMAML(
             model, loss, cfg.inner_lr, cfg.inner_steps, lam=cfg.imaml_lam,
             cg_steps=cfg.cg_steps, cg_damping=cfg.cg_damping, eval_steps=cfg.eval_steps,
+            eval_lam=cfg.imaml_eval_lam,
         )  # fmt: skip
     kwargs: dict[str, Any] = {
         "eval_steps": cfg.eval_steps, "strategy": cfg.strategy, "compile": cfg.compile,

@@ -69,6 +69,7 @@ TRAIN_FLAGS = {
     "checkpoint_every": "checkpoint_every", "hidden": "hidden", "image_size": "image_size",
     "device": "device", "tensorboard": "tensorboard", "split": "split", "val_tasks": "val_tasks",
     "compile": "compile", "imaml_lam": "imaml_lam", "cg_steps": "cg_steps", "cg_damping": "cg_damping", "nan_policy": "nan_policy",
+    "imaml_eval_lam": "imaml_eval_lam",
     "model": "model", "val_steps": "val_steps", "init": "init",
     "step_weights": "step_weights", "train_fraction": "train_fraction",
 }  # fmt: skip
@@ -305,7 +306,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     try:
         overrides: dict[str, Any] = {}
         for dest, field in (("data", "data"), ("tasks", "eval_tasks"), ("shots", "eval_shots"),
-                            ("queries", "eval_queries"), ("device", "device")):  # fmt: skip
+                            ("queries", "eval_queries"), ("device", "device"),
+                            ("imaml_eval_lam", "imaml_eval_lam")):  # fmt: skip
             if getattr(args, dest) is not None:
                 overrides[field] = getattr(args, dest)
         if "data" in overrides:
@@ -500,6 +502,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="iMAML: solve (1 + D) I + H / lambda (default 0; > 0 where the support Hessian "
         "is indefinite and CG fails)",
     )  # fmt: skip
+    _add_eval_lam_flag(p)
     p.add_argument(
         "--dist-timeout", type=positive_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
         help=f"torchrun: seconds a rank waits for the others in a collective before it stops "
@@ -512,6 +515,14 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_navigation_flags(p)
     p.set_defaults(handler=run_train)
     return p  # type: ignore[no-any-return]
+
+
+def _add_eval_lam_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--imaml-eval-lam", type=nonneg_float, metavar="L",
+        help="iMAML: proximal strength of test-time adaptation (default: --imaml-lam; 0 adapts "
+        "without the proximal term, as the iMAML reference code evaluates)",
+    )  # fmt: skip
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -528,6 +539,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shots", type=_pos_int, help="support examples at test time")
     p.add_argument("--queries", type=_pos_int, help="query examples at test time")
     p.add_argument("--seed", type=_nonneg_int, help="seed of the test task stream")
+    _add_eval_lam_flag(p)
     p.add_argument("--algorithm", choices=ALGORITHMS, help="assert the checkpoint's algorithm")
     p.add_argument("--device", help="torch device")
     p.add_argument("--output", help="folder for results.json and plots")

@@ -69,6 +69,9 @@ class TrainConfig:
     cg_steps: int = 5
     # iMAML: solve (1 + d) I + H / lam instead of I + H / lam (a ReLU net's H can be indefinite)
     cg_damping: float = 0.0
+    # iMAML: proximal strength of test-time adaptation (validation and test); None: imaml_lam,
+    # 0: plain inner steps on the support loss (the iMAML reference code's evaluation)
+    imaml_eval_lam: float | None = None
     # outer loop
     meta_lr: float = 1e-3
     meta_batch: int = 25
@@ -401,6 +404,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f">= 1 (iMAML)."
         )
     _check_float("cg_damping", cfg.cg_damping, 0.0)
+    if cfg.imaml_eval_lam is not None:
+        _check_float("imaml_eval_lam", cfg.imaml_eval_lam, 0.0)
+        if cfg.algorithm != "imaml":
+            raise ConfigError(
+                f"imaml_eval_lam applies to iMAML; algorithm={cfg.algorithm!r} adapts without a "
+                f"proximal term. Fix: drop imaml_eval_lam (--imaml-eval-lam)."
+            )
     if cfg.algorithm not in ALGORITHMS:
         raise ConfigError(
             f"algorithm={cfg.algorithm!r} is not known; choose one of {list(ALGORITHMS)}."

@@ -69,7 +69,7 @@ FREE_ON_RESUME = ("iterations", "val_every", "log_every", "checkpoint_every", "v
 FIXED_ON_RESUME = ("task", "seed")
 # What `Trainer.from_checkpoint` (metagrad eval) may override: data location and evaluation.
 EVAL_OVERRIDES = ("data", "eval_tasks", "eval_shots", "eval_queries", "device", "test_steps",
-                  "val_tasks")  # fmt: skip
+                  "val_tasks", "imaml_eval_lam")  # fmt: skip
 _FLAG = {"shots": "--k-shot"}  # config key -> CLI flag, where they are not spelled alike
 
 
