@@ -27,6 +27,7 @@ RUNS: tuple[tuple[str, float | None], ...] = (
     ("omniglot-20w1s-imaml-l1", 10.0),  # the same checkpoint, more damping
     ("omniglot-20w1s-imaml-l1", 100.0),
     ("omniglot-20w1s-imaml-d10", None),  # trained with cg_damping 10
+    ("omniglot-20w1s-imaml-l01", None),  # lambda 0.1, cg_damping 109: -d10's system x 10
 )
 
 

@@ -63,6 +63,20 @@ OMP_NUM_THREADS=2 train omniglot-20w1s-imaml-l1 omniglot --algorithm imaml $O20 
 # (imaml_curvature.py; 2 threads, alone, on the AMD EPYC: ~6.2 s an iteration)
 OMP_NUM_THREADS=2 train omniglot-20w1s-imaml-d10 omniglot --algorithm imaml $O20 \
   --inner-steps 16 --inner-lr 0.1 --imaml-lam 1.0 --cg-damping 10.0 --cg-steps 5 --test-steps 0,1,5,16
+# The CG system of -d10 up to a factor (110 I + H / 0.1 = 10 (11 I + H)) with a weak proximal
+# term in the inner loop (lambda 0.1: 16 nearly plain SGD steps, like the reference code's
+# unregularized inner loop), validated and tested without the proximal term (2 threads, alone)
+OMP_NUM_THREADS=2 train omniglot-20w1s-imaml-l01 omniglot --algorithm imaml $O20 \
+  --inner-steps 16 --inner-lr 0.1 --imaml-lam 0.1 --cg-damping 109 --cg-steps 5 \
+  --imaml-eval-lam 0 --test-steps 0,1,5,16
+# The reference code evaluates with --lam 0.0 (plain SGD at test): validation of every iMAML
+# checkpoint with its lam and with 0 (imaml_eval_lam.py), then test rows of the 20-way runs whose
+# recorded test used the other one (0 wins for -d10; the trained 0.1 wins for -l01, tested with 0)
+OMP_NUM_THREADS=2 python results/algorithms/imaml_eval_lam.py
+for r in omniglot-20w1s-imaml-d10:0 omniglot-20w1s-imaml-l01:0.1; do
+  OMP_NUM_THREADS=2 metagrad eval "results/algorithms/${r%:*}" --data ../shared/data/omniglot \
+    --imaml-eval-lam "${r#*:}" --no-plots --output "results/algorithms/${r%:*}-eval${r#*:}"
+done
 
 # 20-way with the MAML paper's inner loop (5 steps at 0.1 on the mean cross-entropy) at
 # meta-batch 8 and at the paper's 16, the column's 500 iterations; 1 thread each, side by side.
