@@ -131,6 +131,54 @@ def test_train_fraction_is_recorded_and_shrinks_the_training_classes(
     assert torch.equal(full.get("test").images, half.get("test").images)
 
 
+def test_eval_split_train_scores_training_classes_at_test_sizes(
+    tmp_path: Path, omniglot_zips: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--eval-split train``: tasks of the meta-training classes with the test's shots and
+    queries, marked in the title and results.json; the default test evaluation is unchanged."""
+    from metagrad.training._build import make_sampler
+    from metagrad.training._trainer import Trainer
+
+    small = ["--hidden", "4", "--image-size", "16", "--n-way", "3", "--queries", "1",
+             "--eval-queries", "2", "--split", "0.5,0.25,0.25", *TINY]  # fmt: skip
+    out = tmp_path / "run"
+    assert run(["train", "omniglot", "--data", str(omniglot_zips), "--output", str(out),
+                *small]) == 0  # fmt: skip
+    capsys.readouterr()
+
+    def scores(extra: list[str], where: Path) -> dict:
+        assert run(["eval", str(out), "--output", str(where), "--no-plots", *extra]) == 0
+        return json.loads((where / "results.json").read_text())["test"]
+
+    test = scores([], tmp_path / "test")
+    assert "split" not in test and "split's classes" not in capsys.readouterr().out
+    train = scores(["--eval-split", "train"], tmp_path / "train")
+    assert "tasks of the train split's classes" in capsys.readouterr().out
+    assert train["split"] == "train" and train["queries"] == 2  # the test's size, not 1
+    assert train == scores(["--eval-split", "train"], tmp_path / "again")  # deterministic
+    assert train["rows"] != test["rows"]
+
+    trainer = Trainer.from_checkpoint(out / "checkpoint.pt")
+    sampler = make_sampler(trainer.cfg, trainer.splits, "train", seed=1, eval_sizes=True)
+    _, _, xq, _ = sampler.sample(2)
+    assert xq.shape[1] == 3 * 2  # n_way x eval queries
+    as_bytes = (xq * 255).round().to(torch.uint8).flatten(2)
+    for split, inside in (("train", True), ("test", False)):
+        pool = trainer.splits.get(split).images.flatten(1)
+        hit = (as_bytes.unsqueeze(-2) == pool).all(-1).any(-1)  # [tasks, queries]
+        assert bool(hit.all() if inside else not hit.any()), split
+
+
+def test_eval_split_refused_for_sinusoid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sin"
+    assert run(["train", "sinusoid", "--output", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert run(["eval", str(out), "--eval-split", "train"]) == 2
+    _one_line_error(capsys, "eval", "--eval-split train needs a task with class splits")
+
+
 @pytest.mark.parametrize(
     ("argv", "match"),
     [

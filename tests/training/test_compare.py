@@ -49,6 +49,17 @@ def test_table_rows_cells_and_paper(tmp_path: Path) -> None:
     assert compare_table([load_run(a)], steps=[3]).splitlines()[2].count("%") == 4
 
 
+def test_a_run_on_other_classes_is_marked(tmp_path: Path) -> None:
+    """A ``metagrad eval --eval-split train`` row names its classes; a test row is unmarked."""
+    a = _run(tmp_path / "gap", "maml", "omniglot", [_acc(3, 0.98, 0.003)], "accuracy")
+    data = json.loads((a / "results.json").read_text())
+    assert "split" not in data["test"]
+    data["test"]["split"] = "train"
+    (a / "results.json").write_text(json.dumps(data))
+    assert load_run(a).split == "train"
+    assert compare_table([load_run(a)]).splitlines()[2].startswith("| gap (train classes) | maml |")
+
+
 def test_regression_cells(tmp_path: Path) -> None:
     rows = [EvalRow(1, 0.6421, 0.0583), EvalRow(5, 0.2819, 0.0331)]
     run = load_run(_run(tmp_path / "s", "maml", "sinusoid", rows, "mse") / "results.json")

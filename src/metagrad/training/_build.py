@@ -99,9 +99,15 @@ def load_splits(cfg: TrainConfig) -> Splits:
     return Splits(*out)
 
 
-def make_sampler(cfg: TrainConfig, splits: Splits, split: str, *, seed: int) -> AnySampler:
-    """The task sampler of ``split`` ("train", "val" or "test")."""
-    train = split == "train"
+def make_sampler(
+    cfg: TrainConfig, splits: Splits, split: str, *, seed: int, eval_sizes: bool | None = None
+) -> AnySampler:
+    """The task sampler of ``split`` ("train", "val" or "test").
+
+    ``eval_sizes``: tasks of the evaluation's shots and queries (default: for every split but
+    "train"); ``metagrad eval --eval-split train`` scores training classes at the test sizes.
+    """
+    train = not eval_sizes if eval_sizes is not None else split == "train"
     shots = cfg.shots if train or cfg.eval_shots is None else cfg.eval_shots
     queries = cfg.queries if train or cfg.eval_queries is None else cfg.eval_queries
     if cfg.task == "sinusoid":

@@ -199,6 +199,8 @@ def _finish(
     paper = paper_reference(trainer.cfg, result)
     cfg = trainer.cfg
     title = f"{cfg.algorithm} on {cfg.task}, {trainer.iteration} meta-iterations"
+    if result.split != "test":
+        title += f", tasks of the {result.split} split's classes"
     if train_time is not None:
         title += f" ({train_time:.0f} s training)"
     print(title)
@@ -318,10 +320,19 @@ def _run_eval(args: argparse.Namespace) -> int:
                 f"{args.checkpoint!r} was trained with algorithm {trainer.cfg.algorithm!r}, not "
                 f"{args.algorithm!r}."
             )
-        if args.seed is not None:
-            trainer.samplers["test"] = make_sampler(
-                trainer.cfg, trainer.splits, "test", seed=derive_seed(args.seed, TEST_STREAM)
+        split = args.eval_split or "test"
+        if split != "test" and trainer.cfg.task == "sinusoid":
+            raise ConfigError(
+                f"metagrad eval: --eval-split {split} needs a task with class splits; sinusoid "
+                f"tasks all come from one distribution. Drop --eval-split."
             )
+        if args.seed is not None or split != "test":
+            seed = trainer.cfg.seed if args.seed is None else args.seed
+            trainer.samplers["test"] = make_sampler(
+                trainer.cfg, trainer.splits, split, seed=derive_seed(seed, TEST_STREAM),
+                eval_sizes=True,
+            )  # fmt: skip
+        trainer.eval_split = split
         if args.test_steps is not None:
             trainer.cfg = trainer.cfg.replace(test_steps=sorted(set(args.test_steps)))
         out = None
@@ -539,6 +550,12 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--shots", type=_pos_int, help="support examples at test time")
     p.add_argument("--queries", type=_pos_int, help="query examples at test time")
     p.add_argument("--seed", type=_nonneg_int, help="seed of the test task stream")
+    p.add_argument(
+        "--eval-split",
+        choices=("test", "val", "train"),
+        help="draw the tasks from this split's classes (default test; train: the meta-training "
+        "classes at the test's shots and queries, to measure the generalization gap)",
+    )
     _add_eval_lam_flag(p)
     p.add_argument("--algorithm", choices=ALGORITHMS, help="assert the checkpoint's algorithm")
     p.add_argument("--device", help="torch device")

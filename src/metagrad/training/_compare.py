@@ -43,6 +43,7 @@ class RunSummary:
     tasks: int
     rows: dict[int, tuple[float, float]]
     threads: int | None
+    split: str = "test"  # whose classes the tasks came from (``metagrad eval --eval-split``)
 
 
 def load_run(path: str | os.PathLike[str]) -> RunSummary:
@@ -71,6 +72,7 @@ def load_run(path: str | os.PathLike[str]) -> RunSummary:
             setting=setting_name(cfg, int(test["shots"])), metric=metric,
             iterations=run.get("iterations"), train_time_s=run.get("train_time_s"),
             tasks=int(test["tasks"]), rows=rows, threads=env.get("torch_threads"),
+            split=str(test.get("split", "test")),
         )  # fmt: skip
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(
@@ -124,7 +126,8 @@ def compare_table(runs: Sequence[RunSummary], steps: Sequence[int] | None = None
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in runs:
         paper = paper_number(r.algorithm, r.setting)
-        cells = [r.name, r.algorithm, "" if r.iterations is None else f"{r.iterations:,}"]
+        name = r.name if r.split == "test" else f"{r.name} ({r.split} classes)"
+        cells = [name, r.algorithm, "" if r.iterations is None else f"{r.iterations:,}"]
         cells += [_minutes(r.train_time_s), "" if r.threads is None else str(r.threads)]
         cells += [cell(metric, *r.rows[s]) if s in r.rows else "" for s in cols]
         cells.append(_paper_cell(metric, paper))

@@ -48,6 +48,8 @@ class EvalResult:
     queries: int
     metric: str
     rows: list[EvalRow] = field(default_factory=list)
+    # the classes the tasks came from; results.json omits the default "test" (older files)
+    split: str = "test"
     # each task's query loss per step count, in task order (not part of to_dict)
     task_losses: dict[int, list[float]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -60,6 +62,8 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("task_losses")
+        if out["split"] == "test":
+            out.pop("split")
         return out
 
 

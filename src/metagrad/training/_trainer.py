@@ -305,6 +305,8 @@ class Trainer:
         self.progress_enabled = progress
         self.splits = load_splits(cfg)
         self.samplers = make_samplers(cfg, self.splits)
+        # whose classes samplers["test"] draws from (``metagrad eval --eval-split``)
+        self.eval_split = "test"
         self.model = make_model(cfg, image_shape(self.splits))
         self.learner = make_learner(cfg, self.model)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=cfg.meta_lr)
@@ -828,8 +830,9 @@ class Trainer:
         return trainer
 
     def evaluate(self, tasks: int | None = None, steps: list[int] | None = None) -> EvalResult:
-        """The final test: ``cfg.eval_tasks`` test tasks after each of ``cfg.test_steps``."""
-        return evaluate(
+        """The final test: ``cfg.eval_tasks`` tasks of ``samplers["test"]`` (the test split's
+        classes unless ``eval_split`` says otherwise) after each of ``cfg.test_steps``."""
+        result = evaluate(
             self.learner,
             self.samplers["test"],
             tasks=tasks or self.cfg.eval_tasks,
@@ -837,3 +840,5 @@ class Trainer:
             classification=self.classification,
             device=self.cfg.device,
         )
+        result.split = self.eval_split
+        return result
