@@ -31,6 +31,9 @@ OMP_NUM_THREADS=1 train omniglot-5w1s-reptile omniglot --algorithm reptile $OMNI
 OMP_NUM_THREADS=1 metagrad eval results/algorithms/omniglot-5w1s-reptile \
   --data ../shared/data/omniglot --test-steps 0,1,3,5,10 --no-plots \
   --output results/algorithms/omniglot-5w1s-reptile-eval10
+# Reptile with the reference code's 15-shot training tasks (1 shot at test; 2 threads, alone):
+OMP_NUM_THREADS=2 train omniglot-5w1s-reptile-train15 omniglot --algorithm reptile $OMNI \
+  --iterations 1500 --inner-steps 5 --inner-lr 0.4 --shots 15 --eval-shots 1 --test-steps 0,1,3,5,10
 # MAML 5-way 5-shot, the same recipe (1 thread, next to another 1-thread job):
 OMP_NUM_THREADS=1 train omniglot-5w5s-maml omniglot --shots 5 $OMNI --iterations 1500
 # iMAML: 16 proximal SGD steps at 0.1, 5 CG steps, CG damping 1 (the reference code's default;
