@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import resource
 import statistics
 import subprocess
@@ -26,8 +27,11 @@ from pathlib import Path
 IMPLS = ("plain", "torchopt", "metagrad")
 
 
-def _one(workload: str, impl: str, calls: int) -> None:
-    """Child process: time ``calls`` meta-steps of ``impl``; print ``ms faults``."""
+def _one(workload: str, impl: str, calls: int, profile: int = 0) -> None:
+    """Child process: time ``calls`` meta-steps of ``impl``; print ``ms faults``.
+
+    ``profile > 0``: afterwards run that many more meta-steps under ``torch.profiler`` and print
+    the ops with the most self CPU time (to stderr, so the parent's parsing is unchanged)."""
     import torch
 
     torch.set_num_threads(1)
@@ -52,6 +56,15 @@ def _one(workload: str, impl: str, calls: int) -> None:
         step(tasks)
         times.append(time.perf_counter() - t0)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / calls
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(profile):
+                step(tasks)
+        table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+        print(f"{impl}: {profile} profiled meta-steps\n{table}", file=sys.stderr)
     print(f"{1e3 * statistics.median(times):.1f} {faults:.0f}")
 
 
@@ -60,29 +73,48 @@ def main() -> None:
     ap.add_argument("--workload", default="mlp640-16tasks")
     ap.add_argument("--processes", type=int, default=8, help="fresh processes per implementation")
     ap.add_argument("--calls", type=int, default=15, help="timed meta-steps per process")
+    ap.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="with --only: profile N more meta-steps per process and print the top ops",
+    )  # fmt: skip
+    ap.add_argument("--only", choices=IMPLS, help="run this implementation's processes only")
     ap.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _one(args.workload, args.child, args.calls)
+        _one(args.workload, args.child, args.calls, args.profile)
         return
-    ms: dict[str, list[float]] = {k: [] for k in IMPLS}
-    faults: dict[str, list[float]] = {k: [] for k in IMPLS}
+    if args.profile and not args.only:
+        ap.error("--profile needs --only IMPL (one implementation's table at a time)")
+    impls = (args.only,) if args.only else IMPLS
+    ms: dict[str, list[float]] = {k: [] for k in impls}
+    faults: dict[str, list[float]] = {k: [] for k in impls}
     for r in range(args.processes):
-        for impl in IMPLS[r % 3 :] + IMPLS[: r % 3]:
+        k = r % len(impls)
+        for impl in impls[k:] + impls[:k]:
             cmd = [sys.executable, __file__, "--workload", args.workload, "--child", impl]
-            out = subprocess.run(
-                [*cmd, "--calls", str(args.calls)], capture_output=True, text=True, check=True
-            ).stdout.split()
+            cmd += ["--calls", str(args.calls), "--profile", str(args.profile)]
+            run = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            out = run.stdout.split()
+            if args.profile:
+                print(run.stderr)
             ms[impl].append(float(out[-2]))
             faults[impl].append(float(out[-1]))
             print(f"process {r + 1} {impl:9s} {out[-2]:>7s} ms  {out[-1]:>6s} faults/call")
-    best = min(statistics.median(v) for v in ms.values())
-    print(f"\n{args.workload}: median over {args.processes} processes (x the best)")
-    for impl in IMPLS:
+    best_impl = min(impls, key=lambda i: statistics.median(ms[i]))
+    best = statistics.median(ms[best_impl])
+    print(f"\n{args.workload}: median over {args.processes} processes (x the best; 95% interval")
+    print("of that ratio from 2,000 resamplings of the processes)")
+    rng = random.Random(0)
+    for impl in impls:
         m = statistics.median(ms[impl])
+        boot = sorted(
+            statistics.median(rng.choices(ms[impl], k=len(ms[impl])))
+            / statistics.median(rng.choices(ms[best_impl], k=len(ms[best_impl])))
+            for _ in range(2000)
+        )
         print(
-            f"  {impl:9s} {m:7.1f} ms ({m / best:.2f}x)  range {min(ms[impl]):.1f}-"
-            f"{max(ms[impl]):.1f}  faults/call {statistics.median(faults[impl]):.0f}"
+            f"  {impl:9s} {m:7.1f} ms ({m / best:.2f}x, {boot[50]:.2f}-{boot[1949]:.2f})  range "
+            f"{min(ms[impl]):.1f}-{max(ms[impl]):.1f}  faults/call {statistics.median(faults[impl]):.0f}"
         )
 
 

@@ -39,6 +39,7 @@ from metagrad.bilevel._inner import AutogradBackend, batch_at, inner_step, resol
 from metagrad.bilevel._problem import HyperGrad, Problem
 from metagrad.bilevel._tree import (
     Flat,
+    GradSum,
     accumulate,
     count_problems,
     fresh_leaf,
@@ -59,7 +60,7 @@ def adjoint(
 ) -> HyperGrad:
     """Mean outer objective and its exact gradient by the backward VJP chain, per problem."""
     P = count_problems(problem.name, inner_data, outer_data) if batched else 1
-    totals: dict[int, Tensor | None] = {}
+    totals: dict[int, Tensor | None] = GradSum()
     losses = []
     foreign: list[Tensor] | None = None
     foreign_tot: list[Tensor | None] = []
@@ -179,7 +180,7 @@ def _one_problem(
     w0_idx = {n: j for j, n in enumerate(w0_names) if j in set(flat.wrt)}
     h, opt_h = mp.h, mp.opt
     optimizer = resolved_optimizer(problem, opt_h)
-    grads: dict[int, Tensor | None] = {}
+    grads: dict[int, Tensor | None] = GradSum()
     foreign = [] if known_foreign is None else list(known_foreign)
     foreign_g: list[Tensor | None] = [None] * len(foreign)
     search = known_foreign is None  # look for closed-over leaves in the first graphs only

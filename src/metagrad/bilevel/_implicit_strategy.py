@@ -33,6 +33,7 @@ from metagrad.bilevel._inner import AutogradBackend, run
 from metagrad.bilevel._problem import HyperGrad, MetaParams, PerStep, Problem
 from metagrad.bilevel._tree import (
     Flat,
+    GradSum,
     accumulate,
     count_problems,
     fresh_leaf,
@@ -72,7 +73,7 @@ def implicit(
     P = count_problems(problem.name, inner_data, outer_data) if batched else 1
     n0 = flat.n_w0
     hyper_idx = [j for j in flat.wrt if j >= n0]
-    totals: dict[int, Tensor | None] = {}
+    totals: dict[int, Tensor | None] = GradSum()
     foreign: dict[int, tuple[Tensor, Tensor]] = {}  # by id: the same tensor in every problem
     losses = []
     w_last: Params | None = None

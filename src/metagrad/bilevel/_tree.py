@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metagrad._compat import pytree
+from metagrad._compat import is_functorch_wrapped, pytree
 from metagrad.bilevel._problem import MetaParams, PerStep
 
 
@@ -113,10 +113,48 @@ def index(tree: Any, i: int | slice) -> Any:
     return pytree.tree_map(lambda x: x[i] if isinstance(x, Tensor) else x, tree)
 
 
+class GradSum(dict[int, Tensor | None]):
+    """Running sums of gradients by leaf index, filled by :func:`accumulate`.
+
+    The first gradient of a key is kept as given (it may alias a caller's tensor); the second
+    makes a new tensor ``prev + g``, which this container owns, and later gradients are added to
+    that one in place. So a sum over P problems allocates once per key instead of P - 1 times,
+    and holds two copies of the key's gradient at a time instead of three. ``a.add_(b)`` rounds
+    like ``a + b`` and the order of the sum is unchanged, so the values are the same bit for bit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owned: set[int] = set()
+
+
+def _plain(t: Tensor) -> bool:
+    """An ordinary tensor outside autograd and torch.func: safe to update in place."""
+    return not t.requires_grad and not is_functorch_wrapped(t)
+
+
 def accumulate(total: dict[int, Tensor | None], key: int, g: Tensor | None) -> None:
-    if g is not None:
-        prev = total.get(key)
-        total[key] = g if prev is None else prev + g
+    """``total[key] += g`` (``None`` adds nothing); in place where ``total`` owns the sum."""
+    if g is None:
+        return
+    prev = total.get(key)
+    if prev is None:
+        total[key] = g
+        return
+    owned = total.owned if isinstance(total, GradSum) else None
+    if (
+        owned is not None
+        and key in owned
+        and prev.shape == g.shape
+        and prev.dtype == g.dtype
+        and _plain(g)
+    ):
+        prev.add_(g)
+        return
+    s = prev + g
+    total[key] = s
+    if owned is not None and _plain(s):
+        owned.add(key)
 
 
 def all_finite(values: list[Tensor | None]) -> bool:

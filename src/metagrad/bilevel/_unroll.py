@@ -20,7 +20,7 @@ from metagrad._errors import check_finite
 from metagrad.bilevel._foreign import foreign_leaves
 from metagrad.bilevel._inner import AutogradBackend, run, trainable_start
 from metagrad.bilevel._problem import HyperGrad, MetaParams, Problem
-from metagrad.bilevel._tree import Flat, accumulate, count_problems, index, tree_detach
+from metagrad.bilevel._tree import Flat, GradSum, accumulate, count_problems, index, tree_detach
 
 
 def unroll(
@@ -38,7 +38,7 @@ def unroll(
     flat = Flat(mp, need_grad)
     run_mp = mp if need_grad else flat.detached()
     P = count_problems(problem.name, inner_data, outer_data) if batched else 1
-    totals: dict[int, Any] = {}
+    totals: dict[int, Any] = GradSum()
     foreign: list[torch.Tensor] = []
     foreign_tot: list[torch.Tensor | None] = []
     losses = []
